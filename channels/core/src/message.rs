@@ -1,0 +1,156 @@
+//! What flows through the pipeline: inbound messages in, replies out.
+
+use crate::ids::{ChannelId, ConversationId};
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// The person (or system) who wrote a message, as the platform names them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct User {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+}
+
+/// One normalized message from a platform.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Inbound {
+    /// The platform's own id of the event (Slack `event_id`, Mattermost `post_id`, …): the
+    /// dedupe key, unique within a channel.
+    pub event_id: String,
+    /// The platform's conversation (a channel, a room, a stream, a chat session).
+    pub platform_conversation: String,
+    /// The thread inside it, when the platform has threads and the message is in one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread: Option<String>,
+    pub user: User,
+    /// The text the assistant sees: bot mention or trigger word stripped.
+    pub text: String,
+    /// Whether the bot was addressed (mentioned, direct message, trigger word).
+    #[serde(default)]
+    pub addressed: bool,
+    /// What the kind needs later to deliver a reply (ids, names, timestamps); opaque to the
+    /// core and handed back unchanged in [`OutboundReply::route`].
+    #[serde(default)]
+    pub route: serde_json::Value,
+    /// The platform's payload as received, for assistants that want more than the text.
+    #[serde(default)]
+    pub raw: serde_json::Value,
+    /// When patchbay received it, in Unix milliseconds.
+    pub received_at: i64,
+}
+
+/// A button the user can press instead of typing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QuickReply {
+    pub title: String,
+    pub payload: String,
+}
+
+/// A file or image the reply points to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+}
+
+/// What an assistant sends back. Text is markdown; each kind renders it in its platform's
+/// format and limits.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reply {
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quick_replies: Vec<QuickReply>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<Attachment>,
+    /// Answer in this thread instead of the inbound's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread: Option<String>,
+}
+
+impl Reply {
+    pub fn text(text: impl Into<String>) -> Self {
+        Reply {
+            text: text.into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// A reply on its way to a platform: the reply and where it goes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OutboundReply {
+    /// Stable across retries and restarts, so a receiver can recognise a repeat.
+    pub reply_id: String,
+    pub channel_id: ChannelId,
+    pub conversation_id: ConversationId,
+    pub platform_conversation: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread: Option<String>,
+    /// The inbound's `route`, unchanged.
+    #[serde(default)]
+    pub route: serde_json::Value,
+    pub reply: Reply,
+    /// 1 on the first try.
+    pub attempt: u32,
+}
+
+/// What happened to a message handed to the inbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accepted {
+    /// Durably stored; it will be answered.
+    New,
+    /// Seen before within the dedupe window; nothing more will happen.
+    Duplicate,
+}
+
+/// What a waiting (inline-reply) hand-over produced.
+#[derive(Clone, Debug, PartialEq)]
+pub enum WaitOutcome {
+    /// The assistant answered in time: answer the platform's request with these.
+    Replies(Vec<Reply>),
+    /// Seen before; the first delivery answered it.
+    Duplicate,
+    /// Stored, but the assistant did not answer in time (or deferred its answer): the replies
+    /// will go out through [`crate::Channel::send`] when they come.
+    Pending,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InboxError {
+    /// The message could not be stored; the platform must not be told it was received.
+    #[error("the inbox could not store the message: {0}")]
+    Unavailable(String),
+    #[error("the service is shutting down")]
+    ShuttingDown,
+}
+
+/// Where a kind hands what it received. Implemented by the service's durable pipeline.
+#[async_trait]
+pub trait Inbox: Send + Sync {
+    /// Stores the message durably (or finds it a duplicate). Only after `Ok` may the kind
+    /// acknowledge it to the platform.
+    async fn accept(&self, channel: &ChannelId, inbound: Inbound) -> Result<Accepted, InboxError>;
+
+    /// Stores several messages in one durable write, answering for each in order (a datafeed
+    /// batch, a Socket Mode burst).
+    async fn accept_batch(
+        &self,
+        channel: &ChannelId,
+        inbound: Vec<Inbound>,
+    ) -> Result<Vec<Accepted>, InboxError>;
+
+    /// Stores the message and waits up to `timeout` for the assistant's replies, for platforms
+    /// that take the answer in the response to their request.
+    async fn accept_and_wait(
+        &self,
+        channel: &ChannelId,
+        inbound: Inbound,
+        timeout: Duration,
+    ) -> Result<WaitOutcome, InboxError>;
+}

@@ -1,0 +1,91 @@
+//! Turning a channel's settings (from config or the admin API) into a kind's typed settings,
+//! with errors that name the field.
+
+use serde::de::DeserializeOwned;
+use std::fmt;
+
+/// A settings problem, naming the field relative to the channel (`bot_token`,
+/// `proxy.port`). The registry prefixes it with `channels.<id>.`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SettingsError {
+    pub field: String,
+    pub message: String,
+}
+
+impl SettingsError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        SettingsError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for SettingsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.field, self.message)
+        }
+    }
+}
+
+impl std::error::Error for SettingsError {}
+
+/// Deserializes settings into `T`, reporting the path of the offending field. Use
+/// `#[serde(deny_unknown_fields)]` on `T` so that a misspelt key is reported, not ignored.
+pub fn parse_settings<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, SettingsError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        // serde says "unknown field `x`, expected one of …" at the parent's path; name the
+        // field itself so the message points at the key to fix.
+        let field = match (path.as_str(), unknown_field(&inner)) {
+            (".", Some(f)) => f.to_owned(),
+            (p, Some(f)) => format!("{p}.{f}"),
+            (".", None) => String::new(),
+            (p, None) => p.to_owned(),
+        };
+        SettingsError::new(field, inner)
+    })
+}
+
+fn unknown_field(msg: &str) -> Option<&str> {
+    let rest = msg.strip_prefix("unknown field `")?;
+    rest.split('`').next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct S {
+        url: String,
+        #[serde(default)]
+        retries: u32,
+    }
+
+    #[test]
+    fn names_the_unknown_field() {
+        let e = parse_settings::<S>(&serde_json::json!({"url": "x", "retires": 3})).unwrap_err();
+        assert_eq!(e.field, "retires");
+        assert!(e.message.contains("unknown field"));
+    }
+
+    #[test]
+    fn names_the_mistyped_field() {
+        let e = parse_settings::<S>(&serde_json::json!({"url": "x", "retries": "many"})).unwrap_err();
+        assert_eq!(e.field, "retries");
+    }
+
+    #[test]
+    fn names_the_missing_field() {
+        let e = parse_settings::<S>(&serde_json::json!({})).unwrap_err();
+        assert!(e.message.contains("missing field `url`"), "{e}");
+    }
+}

@@ -1,0 +1,203 @@
+//! The dispatcher: claims inbox rows, asks the channel's assistant, and commits the replies
+//! to the outbox in the same transaction that removes the message.
+
+use super::{claim_loop, conversation_id, message_id, reply_id, Pipeline};
+use crate::assistants::{AssistantError, AssistantEvent, AssistantRequest, ChannelRef, ConversationRef};
+use crate::store::{ConversationRecord, InboxItem, NewOutbox, StoreError};
+use futures_util::StreamExt;
+use patchbay_channel_core::{ChannelId, Inbound, OutboundReply, Reply};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long an inline answer (Mattermost's response body, web chat's webhook) has to be
+/// handed over before the outbox delivers the same replies through the channel.
+const INLINE_GRACE: Duration = Duration::from_secs(5);
+
+pub async fn run(p: Arc<Pipeline>) {
+    let slots = p.dispatch_slots.clone();
+    claim_loop(
+        p,
+        slots,
+        |p| &p.inbox_wake,
+        |p, c| async move { p.store.inbox_claim(c).await },
+        |p, item, owner| process(p, item, owner),
+    )
+    .await
+}
+
+enum Failure {
+    Retry { message: String, retry_after: Option<Duration> },
+    Dead(String),
+}
+
+async fn process(p: Arc<Pipeline>, item: InboxItem, owner: String) {
+    let outcome = answer(&p, &item).await;
+    let m = p.metrics.channel(&item.channel_id);
+    let result = match outcome {
+        Ok((inbound, replies)) => complete(&p, &item, &owner, inbound, replies).await,
+        Err(Failure::Retry { message, retry_after }) if item.attempts < p.settings.max_attempts => {
+            m.retried.fetch_add(1, Ordering::Relaxed);
+            let delay = p.settings.backoff.delay_honouring(item.attempts, retry_after);
+            tracing::warn!(channel = %item.channel_id, event = %item.event_id, attempt = item.attempts,
+                retry_in_ms = delay.as_millis() as u64, error = %message, "assistant attempt failed; will retry");
+            p.store
+                .inbox_release(item.id, &owner, patchbay_channel_core::now_ms() + delay.as_millis() as i64, &message)
+                .await
+        }
+        Err(Failure::Retry { message, .. }) => {
+            m.failed.fetch_add(1, Ordering::Relaxed);
+            let reason = format!("gave up after {} attempts: {message}", item.attempts);
+            tracing::error!(channel = %item.channel_id, event = %item.event_id, %reason, "message dead-lettered");
+            p.store.inbox_dead(item.id, &owner, &reason).await
+        }
+        Err(Failure::Dead(reason)) => {
+            m.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(channel = %item.channel_id, event = %item.event_id, %reason, "message dead-lettered");
+            p.store.inbox_dead(item.id, &owner, &reason).await
+        }
+    };
+    match result {
+        Ok(()) => {}
+        Err(StoreError::LeaseLost) => {
+            tracing::warn!(channel = %item.channel_id, event = %item.event_id, "lease lost: another worker has this message")
+        }
+        Err(e) => tracing::error!(channel = %item.channel_id, event = %item.event_id, error = %e,
+            "cannot record the outcome; the message will be tried again when its lease expires"),
+    }
+    // The next message of this conversation may be claimable now.
+    p.inbox_wake.notify_one();
+}
+
+/// Asks the assistant. Answers the inbound and the replies, or why not.
+async fn answer(p: &Pipeline, item: &InboxItem) -> Result<(Inbound, Vec<Reply>), Failure> {
+    let inbound: Inbound = serde_json::from_str(&item.payload)
+        .map_err(|e| Failure::Dead(format!("the stored message cannot be read: {e}")))?;
+    let snap = p.registry.snapshot();
+    let Some(channel) = snap.channels.get(&item.channel_id) else {
+        return Err(Failure::Dead("the channel was deleted".into()));
+    };
+    let assistant = snap
+        .assistants
+        .get(&channel.record.assistant)
+        .ok_or_else(|| Failure::Retry {
+            message: format!("assistant `{}` does not exist", channel.record.assistant),
+            retry_after: None,
+        })?;
+    let backend = assistant.backend.clone().ok_or_else(|| Failure::Retry {
+        message: format!(
+            "assistant `{}` cannot be built: {}",
+            assistant.record.id,
+            assistant.build_error.clone().unwrap_or_default()
+        ),
+        retry_after: None,
+    })?;
+    let request = AssistantRequest {
+        id: message_id(&item.channel_id, &item.event_id),
+        channel: ChannelRef {
+            id: item.channel_id.clone(),
+            kind: channel.record.kind.clone(),
+        },
+        conversation: ConversationRef {
+            id: item.conversation_id.clone(),
+            thread_id: inbound.thread.clone(),
+        },
+        user: inbound.user.clone(),
+        text: inbound.text.clone(),
+        addressed: inbound.addressed,
+        received_at: humantime::format_rfc3339_millis(
+            std::time::UNIX_EPOCH + Duration::from_millis(inbound.received_at.max(0) as u64),
+        )
+        .to_string(),
+    };
+    let started = Instant::now();
+    // A stream that never ends must not hold the lease forever.
+    let budget = p.settings.lease.mul_f64(0.8);
+    let collected = tokio::time::timeout(budget, async {
+        let mut stream = backend.respond(request).await;
+        let mut replies = Vec::new();
+        while let Some(event) = stream.next().await {
+            match event? {
+                AssistantEvent::Reply(r) => replies.push(r),
+                AssistantEvent::Partial(_) => {}
+            }
+        }
+        Ok::<_, AssistantError>(replies)
+    })
+    .await;
+    p.metrics
+        .channel(&item.channel_id)
+        .assistant_latency
+        .observe(started.elapsed());
+    match collected {
+        Err(_) => Err(Failure::Retry {
+            message: format!("the assistant did not finish within {} s", budget.as_secs()),
+            retry_after: None,
+        }),
+        Ok(Err(AssistantError::Retryable { message, retry_after })) => Err(Failure::Retry { message, retry_after }),
+        Ok(Err(AssistantError::Permanent(message))) => Err(Failure::Dead(message)),
+        Ok(Ok(replies)) => Ok((inbound, replies)),
+    }
+}
+
+async fn complete(
+    p: &Pipeline,
+    item: &InboxItem,
+    owner: &str,
+    inbound: Inbound,
+    replies: Vec<Reply>,
+) -> Result<(), StoreError> {
+    let waiter = p.take_waiter(&item.channel_id, &item.event_id);
+    let now = patchbay_channel_core::now_ms();
+    let not_before = if waiter.is_some() { now + INLINE_GRACE.as_millis() as i64 } else { 0 };
+    let channel_id = ChannelId::from_trusted(item.channel_id.clone());
+    let conv = conversation_id(&item.channel_id, &inbound.platform_conversation, inbound.thread.as_deref());
+    let mut rows = Vec::with_capacity(replies.len());
+    for (i, reply) in replies.iter().enumerate() {
+        let out = OutboundReply {
+            reply_id: reply_id(&item.channel_id, &item.event_id, i),
+            channel_id: channel_id.clone(),
+            conversation_id: conv.clone(),
+            platform_conversation: inbound.platform_conversation.clone(),
+            thread: reply.thread.clone().or_else(|| inbound.thread.clone()),
+            route: inbound.route.clone(),
+            reply: reply.clone(),
+            attempt: 0,
+        };
+        rows.push(NewOutbox {
+            reply_id: out.reply_id.clone(),
+            channel_id: item.channel_id.clone(),
+            conversation_id: item.conversation_id.clone(),
+            payload: serde_json::to_string(&out).unwrap_or_default(),
+            received_at: item.received_at,
+            not_before,
+        });
+    }
+    let ids: Vec<String> = rows.iter().map(|r| r.reply_id.clone()).collect();
+    let conversation = ConversationRecord {
+        id: item.conversation_id.clone(),
+        channel_id: item.channel_id.clone(),
+        platform_conversation: inbound.platform_conversation,
+        thread: inbound.thread,
+        route: inbound.route,
+        updated_at: now,
+    };
+    p.store.inbox_complete(item.id, owner, rows, conversation).await?;
+    if let Some(tx) = waiter {
+        if tx.send(replies).is_ok() {
+            // Answered inline: the queued copies are not needed.
+            let m = p.metrics.channel(&item.channel_id);
+            m.delivered.fetch_add(ids.len() as u64, Ordering::Relaxed);
+            m.end_to_end_latency
+                .observe(Duration::from_millis((patchbay_channel_core::now_ms() - item.received_at).max(0) as u64));
+            if !ids.is_empty() {
+                p.store.outbox_cancel(ids).await?;
+            }
+            return Ok(());
+        }
+    }
+    if !ids.is_empty() {
+        p.outbox_wake.notify_one();
+    }
+    Ok(())
+}

@@ -1,0 +1,339 @@
+//! The durable pipeline: inbox → dispatcher → assistant → outbox → channel send.
+//!
+//! - A kind hands a message to [`Pipeline`] (its [`Inbox`]); it is committed (deduped on the
+//!   platform's event id) before the kind acknowledges it to the platform.
+//! - The [`dispatcher`] claims inbox rows with a lease, asks the assistant, and in one commit
+//!   removes the message and queues its replies in the outbox.
+//! - The [`sender`] claims outbox rows and delivers them through the channel's kind.
+//! - Failures are retried with exponential backoff and jitter (honouring Retry-After) until
+//!   `max_attempts`, then dead-lettered with the reason.
+//!
+//! Order within a conversation comes from the store's claim rule (no row is claimed while an
+//! earlier row of its conversation is queued); conversations run concurrently.
+
+pub mod dispatcher;
+pub mod sender;
+
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::store::{Claim, NewInbox, Store};
+use async_trait::async_trait;
+use patchbay_channel_core::{
+    backoff::Backoff, Accepted, ChannelId, ConversationId, Inbound, Inbox, InboxError, Reply, WaitOutcome,
+};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Debug)]
+pub struct PipelineSettings {
+    pub dedupe_window: Duration,
+    pub lease: Duration,
+    pub concurrency: usize,
+    pub claim_batch: usize,
+    pub max_attempts: u32,
+    pub backoff: Backoff,
+    pub poll_interval: Duration,
+}
+
+impl PipelineSettings {
+    pub fn from_config(p: &crate::config::PipelineConfig) -> Self {
+        PipelineSettings {
+            dedupe_window: Duration::from_secs(p.dedupe_window_secs),
+            lease: Duration::from_secs(p.lease_secs),
+            concurrency: p.concurrency,
+            claim_batch: p.claim_batch,
+            max_attempts: p.max_attempts,
+            backoff: Backoff {
+                initial: Duration::from_millis(p.retry_initial_ms),
+                max: Duration::from_millis(p.retry_max_ms),
+                factor: 2.0,
+            },
+            poll_interval: Duration::from_millis(p.poll_interval_ms),
+        }
+    }
+}
+
+type WaiterKey = (String, String);
+
+pub struct Pipeline {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) settings: PipelineSettings,
+    /// This process's name in leases.
+    replica: String,
+    claims: AtomicU64,
+    pub(crate) inbox_wake: Notify,
+    pub(crate) outbox_wake: Notify,
+    waiters: Mutex<HashMap<WaiterKey, oneshot::Sender<Vec<Reply>>>>,
+    pub(crate) stop: CancellationToken,
+    pub(crate) dispatch_slots: Arc<Semaphore>,
+    pub(crate) send_slots: Arc<Semaphore>,
+}
+
+/// The stable id of (channel, platform conversation, thread).
+pub fn conversation_id(channel: &str, platform_conversation: &str, thread: Option<&str>) -> ConversationId {
+    let mut h = Sha256::new();
+    for part in [channel, platform_conversation, thread.unwrap_or("")] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    ConversationId::from_trusted(format!("c_{}", &hex::encode(h.finalize())[..32]))
+}
+
+fn event_hash(channel: &str, event_id: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(channel.as_bytes());
+    h.update([0]);
+    h.update(event_id.as_bytes());
+    hex::encode(h.finalize())[..24].to_owned()
+}
+
+/// The stable id of a message, as its assistant sees it.
+pub fn message_id(channel: &str, event_id: &str) -> String {
+    format!("m_{}", event_hash(channel, event_id))
+}
+
+/// The stable id of the `index`-th reply to a message: the same however often the message is
+/// processed, so a receiver can recognise a repeat.
+pub fn reply_id(channel: &str, event_id: &str, index: usize) -> String {
+    format!("r_{}_{index}", event_hash(channel, event_id))
+}
+
+impl Pipeline {
+    pub fn new(
+        store: Arc<dyn Store>,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        settings: PipelineSettings,
+    ) -> Arc<Pipeline> {
+        let replica = patchbay_channel_core::ids::random_token(10);
+        Arc::new(Pipeline {
+            dispatch_slots: Arc::new(Semaphore::new(settings.concurrency)),
+            send_slots: Arc::new(Semaphore::new(settings.concurrency)),
+            store,
+            registry,
+            metrics,
+            settings,
+            replica,
+            claims: AtomicU64::new(0),
+            inbox_wake: Notify::new(),
+            outbox_wake: Notify::new(),
+            waiters: Mutex::new(HashMap::new()),
+            stop: CancellationToken::new(),
+        })
+    }
+
+    /// Starts the dispatcher, the sender and housekeeping.
+    pub fn start(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+        vec![
+            tokio::spawn(dispatcher::run(self.clone())),
+            tokio::spawn(sender::run(self.clone())),
+            tokio::spawn(housekeeping(self.clone())),
+        ]
+    }
+
+    /// A fresh claim, owned by this replica under a new lease token.
+    pub(crate) fn claim(&self, limit: usize) -> Claim {
+        let now = patchbay_channel_core::now_ms();
+        let n = self.claims.fetch_add(1, Ordering::Relaxed);
+        Claim {
+            owner: format!("{}/{n}", self.replica),
+            now,
+            lease_until: now + self.settings.lease.as_millis() as i64,
+            limit,
+            paused_channels: self.registry.snapshot().paused_channels(),
+        }
+    }
+
+    pub(crate) fn take_waiter(&self, channel: &str, event_id: &str) -> Option<oneshot::Sender<Vec<Reply>>> {
+        let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        w.remove(&(channel.to_owned(), event_id.to_owned())).filter(|tx| !tx.is_closed())
+    }
+
+    fn forget_waiter(&self, key: &WaiterKey) {
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+    }
+
+    /// Stops claiming new work and waits up to `grace` for in-flight work; what is not done
+    /// stays leased in the store and is taken up again when the lease expires.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.stop.cancel();
+        let total = self.settings.concurrency as u32;
+        let wait_all = async {
+            let _a = self.dispatch_slots.acquire_many(total).await;
+            let _b = self.send_slots.acquire_many(total).await;
+        };
+        if tokio::time::timeout(grace, wait_all).await.is_err() {
+            tracing::warn!("shutdown grace elapsed with work in flight; it resumes at the next start");
+        }
+    }
+
+    async fn put(&self, channel: &ChannelId, inbound: Vec<Inbound>) -> Result<Vec<Accepted>, InboxError> {
+        let started = Instant::now();
+        let m = self.metrics.channel(channel.as_str());
+        let now = patchbay_channel_core::now_ms();
+        let items = inbound
+            .iter()
+            .map(|i| {
+                Ok(NewInbox {
+                    channel_id: channel.as_str().to_owned(),
+                    event_id: i.event_id.clone(),
+                    conversation_id: conversation_id(channel.as_str(), &i.platform_conversation, i.thread.as_deref())
+                        .to_string(),
+                    payload: serde_json::to_string(i).map_err(|e| InboxError::Unavailable(e.to_string()))?,
+                    received_at: i.received_at,
+                })
+            })
+            .collect::<Result<Vec<_>, InboxError>>()?;
+        m.received.fetch_add(items.len() as u64, Ordering::Relaxed);
+        let dedupe_until = now + self.settings.dedupe_window.as_millis() as i64;
+        let accepted = self.store.inbox_put(items, dedupe_until).await.map_err(|e| {
+            tracing::error!(channel = %channel, error = %e, "inbox write failed");
+            InboxError::Unavailable(e.to_string())
+        })?;
+        let new = accepted.iter().filter(|a| **a == Accepted::New).count() as u64;
+        m.acknowledged.fetch_add(new, Ordering::Relaxed);
+        m.duplicates.fetch_add(accepted.len() as u64 - new, Ordering::Relaxed);
+        m.ack_latency.observe(started.elapsed());
+        if new > 0 {
+            self.inbox_wake.notify_one();
+        }
+        Ok(accepted)
+    }
+}
+
+#[async_trait]
+impl Inbox for Pipeline {
+    async fn accept(&self, channel: &ChannelId, inbound: Inbound) -> Result<Accepted, InboxError> {
+        let mut out = self.put(channel, vec![inbound]).await?;
+        Ok(out.pop().unwrap_or(Accepted::Duplicate))
+    }
+
+    async fn accept_batch(&self, channel: &ChannelId, inbound: Vec<Inbound>) -> Result<Vec<Accepted>, InboxError> {
+        if inbound.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.put(channel, inbound).await
+    }
+
+    async fn accept_and_wait(
+        &self,
+        channel: &ChannelId,
+        inbound: Inbound,
+        timeout: Duration,
+    ) -> Result<WaitOutcome, InboxError> {
+        let key = (channel.as_str().to_owned(), inbound.event_id.clone());
+        let (tx, rx) = oneshot::channel();
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), tx);
+        let accepted = match self.accept(channel, inbound).await {
+            Ok(a) => a,
+            Err(e) => {
+                self.forget_waiter(&key);
+                return Err(e);
+            }
+        };
+        if accepted == Accepted::Duplicate {
+            self.forget_waiter(&key);
+            return Ok(WaitOutcome::Duplicate);
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(replies)) => Ok(WaitOutcome::Replies(replies)),
+            _ => {
+                self.forget_waiter(&key);
+                Ok(WaitOutcome::Pending)
+            }
+        }
+    }
+}
+
+/// Drops expired dedupe entries once a minute.
+async fn housekeeping(p: Arc<Pipeline>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = p.stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match p.store.prune(patchbay_channel_core::now_ms()).await {
+            Ok(n) if n > 0 => tracing::debug!(pruned = n, "expired dedupe entries removed"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pruning the dedupe window failed"),
+        }
+    }
+}
+
+/// The shared claim loop of the dispatcher and the sender: claim as many rows as there are
+/// free slots, hand each to `work` holding a slot, sleep until woken or the poll interval.
+pub(crate) async fn claim_loop<T, C, CF, W, WF>(
+    p: Arc<Pipeline>,
+    slots: Arc<Semaphore>,
+    wake: impl Fn(&Pipeline) -> &Notify,
+    claim: C,
+    work: W,
+) where
+    T: Send + 'static,
+    C: Fn(Arc<Pipeline>, Claim) -> CF,
+    CF: std::future::Future<Output = crate::store::StoreResult<Vec<T>>>,
+    W: Fn(Arc<Pipeline>, T, String) -> WF,
+    WF: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        if p.stop.is_cancelled() {
+            return;
+        }
+        // Wait for at least one free slot before claiming.
+        let first = tokio::select! {
+            _ = p.stop.cancelled() => return,
+            permit = slots.clone().acquire_owned() => match permit { Ok(pm) => pm, Err(_) => return },
+        };
+        let free = 1 + slots.available_permits();
+        let c = p.claim(free.min(p.settings.claim_batch));
+        let owner = c.owner.clone();
+        let limit = c.limit;
+        let rows = match claim(p.clone(), c).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "claiming work failed; retrying");
+                drop(first);
+                tokio::select! {
+                    _ = p.stop.cancelled() => return,
+                    _ = tokio::time::sleep(p.settings.poll_interval) => {}
+                }
+                continue;
+            }
+        };
+        let got = rows.len();
+        let mut first = Some(first);
+        for row in rows {
+            let permit = match first.take() {
+                Some(pm) => pm,
+                None => match slots.clone().try_acquire_owned() {
+                    Ok(pm) => pm,
+                    Err(_) => match slots.clone().acquire_owned().await {
+                        Ok(pm) => pm,
+                        Err(_) => return,
+                    },
+                },
+            };
+            let fut = work(p.clone(), row, owner.clone());
+            tokio::spawn(async move {
+                fut.await;
+                drop(permit);
+            });
+        }
+        drop(first);
+        if got < limit {
+            tokio::select! {
+                _ = p.stop.cancelled() => return,
+                _ = wake(&p).notified() => {}
+                _ = tokio::time::sleep(p.settings.poll_interval) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! The sender: claims outbox rows and delivers them through the channel's kind, retrying
+//! what is worth retrying and dead-lettering the rest with the platform's own words.
+
+use super::{claim_loop, Pipeline};
+use crate::store::{OutboxItem, StoreError};
+use patchbay_channel_core::{ChannelState, OutboundReply, SendError};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// After the platform rejected our credentials, retry no sooner than this: an admin has to
+/// act first.
+const UNAUTHORIZED_RETRY: Duration = Duration::from_secs(60);
+
+pub async fn run(p: Arc<Pipeline>) {
+    let slots = p.send_slots.clone();
+    claim_loop(
+        p,
+        slots,
+        |p| &p.outbox_wake,
+        |p, c| async move { p.store.outbox_claim(c).await },
+        |p, item, owner| deliver(p, item, owner),
+    )
+    .await
+}
+
+async fn deliver(p: Arc<Pipeline>, item: OutboxItem, owner: String) {
+    let m = p.metrics.channel(&item.channel_id);
+    let now = patchbay_channel_core::now_ms;
+    let mut reply: OutboundReply = match serde_json::from_str(&item.payload) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = p.store.outbox_dead(item.id, &owner, &format!("the stored reply cannot be read: {e}")).await;
+            return;
+        }
+    };
+    reply.attempt = item.attempts;
+    let snap = p.registry.snapshot();
+    let entry = snap.channels.get(&item.channel_id).cloned();
+    let result = match entry.as_ref().map(|e| (e, e.instance.clone())) {
+        None => Err(SendError::Permanent("the channel was deleted".into())),
+        Some((e, None)) => Err(SendError::retryable(format!(
+            "the channel cannot be built: {}",
+            e.build_error.clone().unwrap_or_default()
+        ))),
+        Some((_, Some(instance))) => instance.send(&reply).await,
+    };
+    let status = entry.as_ref().map(|e| e.status.clone());
+    let outcome = match result {
+        Ok(_) => {
+            m.delivered.fetch_add(1, Ordering::Relaxed);
+            m.end_to_end_latency
+                .observe(Duration::from_millis((now() - item.received_at).max(0) as u64));
+            if let Some(s) = &status {
+                if s.snapshot().state == ChannelState::Failed {
+                    s.set_state(ChannelState::Ready);
+                }
+            }
+            p.store.outbox_done(item.id, &owner).await
+        }
+        Err(e) => {
+            let (retry_at, message) = match &e {
+                SendError::Permanent(msg) => (None, msg.clone()),
+                SendError::Retryable { message, retry_after } => (
+                    Some(p.settings.backoff.delay_honouring(item.attempts, *retry_after)),
+                    message.clone(),
+                ),
+                SendError::Unauthorized(msg) => {
+                    if let Some(s) = &status {
+                        s.failed(format!("{msg} — the platform rejected the channel's credentials; update them and the queued replies will go out"));
+                    }
+                    (
+                        Some(p.settings.backoff.delay(item.attempts).max(UNAUTHORIZED_RETRY)),
+                        msg.clone(),
+                    )
+                }
+            };
+            if let Some(s) = &status {
+                s.error(format!("delivery failed: {message}"));
+            }
+            match retry_at {
+                Some(delay) if item.attempts < p.settings.max_attempts => {
+                    m.retried.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(channel = %item.channel_id, reply = %item.reply_id, attempt = item.attempts,
+                        retry_in_ms = delay.as_millis() as u64, error = %message, "delivery failed; will retry");
+                    p.store
+                        .outbox_release(item.id, &owner, now() + delay.as_millis() as i64, &message)
+                        .await
+                }
+                _ => {
+                    m.failed.fetch_add(1, Ordering::Relaxed);
+                    let reason = if retry_at.is_some() {
+                        format!("gave up after {} attempts: {message}", item.attempts)
+                    } else {
+                        message
+                    };
+                    tracing::error!(channel = %item.channel_id, reply = %item.reply_id, %reason, "reply dead-lettered");
+                    p.store.outbox_dead(item.id, &owner, &reason).await
+                }
+            }
+        }
+    };
+    match outcome {
+        Ok(()) => {}
+        Err(StoreError::LeaseLost) => {
+            tracing::warn!(channel = %item.channel_id, reply = %item.reply_id, "lease lost: another worker has this reply")
+        }
+        Err(e) => tracing::error!(channel = %item.channel_id, reply = %item.reply_id, error = %e,
+            "cannot record the delivery outcome; it will be tried again when its lease expires"),
+    }
+    p.outbox_wake.notify_one();
+}

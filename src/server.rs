@@ -1,0 +1,181 @@
+//! Assembles the service: store, registry, pipeline, supervisor and HTTP server; runs until
+//! the shutdown token is cancelled, then shuts down in order.
+
+use crate::admin;
+use crate::config::{self, Config, ConfigErrors};
+use crate::metrics::Metrics;
+use crate::pipeline::{Pipeline, PipelineSettings};
+use crate::registry::Registry;
+use crate::seal::Sealer;
+use crate::store::{sqlite::SqliteStore, Store};
+use actix_web::{web, App, HttpResponse, HttpServer};
+use patchbay_channel_core::{Inbox, Secret};
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// What every handler can reach.
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    pub inbox: Arc<dyn Inbox>,
+    pub pipeline: Arc<Pipeline>,
+    pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
+    pub admin_token: Secret,
+    pub body_limit: usize,
+    pub public_url: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    #[error("store: {0}")]
+    Store(String),
+    #[error("http: {0}")]
+    Http(String),
+}
+
+/// The shared outbound HTTP client: rustls, pooled, bounded connect time.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .user_agent(concat!("patchbay/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build()
+        .expect("the TLS backend initialises")
+}
+
+fn config_error(key: &str, e: impl std::fmt::Display) -> StartError {
+    StartError::Config(ConfigErrors(vec![config::ConfigError::new(key, e.to_string())]))
+}
+
+/// Runs the service on `listener` until `shutdown` is cancelled.
+pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), StartError> {
+    let sealer = {
+        let key = config::resolve_or_create_secret("security.encryption_key", &cfg.security.encryption_key, Sealer::generate_key)
+            .map_err(|e| StartError::Config(ConfigErrors(vec![e])))?;
+        Sealer::from_key(&key).map_err(|e| config_error("security.encryption_key", e))?
+    };
+    let admin_token = config::resolve_or_create_secret("security.admin_token", &cfg.security.admin_token, || {
+        patchbay_channel_core::ids::random_token(40)
+    })
+    .map_err(|e| StartError::Config(ConfigErrors(vec![e])))?;
+    if admin_token.expose().len() < 16 {
+        return Err(config_error("security.admin_token", "must be at least 16 characters"));
+    }
+
+    let path = cfg.sqlite_path().ok_or_else(|| config_error("store.url", "only sqlite:// is supported"))?;
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&path, cfg.store.sqlite_synchronous).map_err(|e| StartError::Store(e.to_string()))?);
+
+    let local = listener.local_addr().map_err(|e| StartError::Http(e.to_string()))?;
+    let public_url = if cfg.server.public_url.is_empty() {
+        format!("http://{local}")
+    } else {
+        cfg.public_url()
+    };
+    let http = http_client();
+    let registry = Registry::new(store.clone(), crate::kinds::all(), sealer, http, public_url.clone());
+    registry.apply_config(&cfg).await?;
+
+    let metrics = Arc::new(Metrics::default());
+    let pipeline = Pipeline::new(store.clone(), registry.clone(), metrics.clone(), PipelineSettings::from_config(&cfg.pipeline));
+    let pipeline_tasks = pipeline.start();
+    let inbox: Arc<dyn Inbox> = pipeline.clone();
+
+    let background = CancellationToken::new();
+    let supervisor = tokio::spawn(crate::supervisor::run(registry.clone(), inbox.clone(), background.clone()));
+    let follower = tokio::spawn(registry.clone().follow(Duration::from_millis(500), background.clone()));
+
+    let state = web::Data::new(AppState {
+        registry: registry.clone(),
+        inbox,
+        pipeline: pipeline.clone(),
+        store: store.clone(),
+        metrics,
+        admin_token,
+        body_limit: cfg.server.body_limit_bytes,
+        public_url: public_url.clone(),
+    });
+    let grace = Duration::from_secs(cfg.pipeline.shutdown_grace_secs);
+    let workers = if cfg.server.workers == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+    } else {
+        cfg.server.workers
+    };
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .configure(admin::routes)
+            .route("/hooks/{kind}/{hook_id}", web::to(crate::hooks::handle))
+            .route("/hooks/{kind}/{hook_id}/{tail:.*}", web::to(crate::hooks::handle))
+            .route("/healthz", web::get().to(|| async { HttpResponse::Ok().json(serde_json::json!({"status": "ok"})) }))
+            .route("/readyz", web::get().to(readyz))
+            .route("/metrics", web::get().to(metrics_page))
+            .route("/docs", web::get().to(admin::openapi::page))
+    })
+    .workers(workers)
+    .disable_signals()
+    .shutdown_timeout(grace.as_secs().max(1))
+    .listen(listener)
+    .map_err(|e| StartError::Http(e.to_string()))?
+    .run();
+    let handle = server.handle();
+    let server_task = tokio::spawn(server);
+
+    tracing::info!(url = %public_url, "patchbay is listening");
+    println!("patchbay listening on http://{local}");
+    for c in registry.snapshot().channels.values() {
+        println!(
+            "  channel {} ({}, {}): {}",
+            c.record.id,
+            c.record.kind,
+            if c.record.enabled { "enabled" } else { "disabled" },
+            c.callback_url
+        );
+    }
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: no new requests; finishing in-flight work");
+    // 1. Stop accepting; let in-flight requests (whose messages are being stored) finish.
+    handle.stop(true).await;
+    let _ = server_task.await;
+    // 2. Stop connectors and the registry follower.
+    background.cancel();
+    let _ = supervisor.await;
+    let _ = follower.await;
+    // 3. Let the pipeline finish what it holds, within the grace period.
+    pipeline.shutdown(grace).await;
+    for t in pipeline_tasks {
+        let _ = t.await;
+    }
+    // 4. Flush the store.
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    match state.store.depths().await {
+        Ok(d) => HttpResponse::Ok().json(serde_json::json!({
+            "status": "ready",
+            "channels": state.registry.snapshot().channels.len(),
+            "queues": d,
+        })),
+        Err(e) => patchbay_channel_core::channel::error_response(
+            actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            &format!("the store does not answer: {e}"),
+            None,
+        ),
+    }
+}
+
+async fn metrics_page(state: web::Data<AppState>) -> HttpResponse {
+    let depths = state.store.depths().await.ok();
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render(depths))
+}

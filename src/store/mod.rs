@@ -1,0 +1,255 @@
+//! The store: everything patchbay must not forget. A trait, so the pipeline and the registry
+//! never name the database; SQLite is the embedded default.
+//!
+//! Rules every implementation keeps, so that several replicas can share one database:
+//! - no in-process lock is the source of truth: work is claimed in the database with a lease
+//!   (`lease_owner`, `lease_until`) that expires, so a dead replica's work is taken over;
+//! - completing or releasing claimed work checks the lease owner, so a replica that lost its
+//!   lease cannot complete work another replica now holds;
+//! - a message is claimable only when no earlier message of its conversation is still in the
+//!   queue: that keeps replies in order within a conversation while conversations run
+//!   concurrently.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use patchbay_channel_core::Accepted;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Db(String),
+    #[error("the store is closed")]
+    Closed,
+    /// The lease on a claimed row expired and another owner may hold it now.
+    #[error("the lease on this work was lost")]
+    LeaseLost,
+    #[error("{0}")]
+    Conflict(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Where a record came from: config (declared as code, settings changed only there) or the
+/// admin API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Config,
+    Api,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Config => "config",
+            Source::Api => "api",
+        }
+    }
+    pub fn parse(s: &str) -> Source {
+        if s == "config" {
+            Source::Config
+        } else {
+            Source::Api
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AssistantRecord {
+    pub id: String,
+    pub backend: String,
+    /// Settings without secrets.
+    pub settings: serde_json::Value,
+    /// The secrets as a JSON object, sealed (AES-256-GCM).
+    pub sealed_secrets: Option<Vec<u8>>,
+    /// SHA-256 (hex) of the key the assistant presents to push replies.
+    pub api_key_hash: Option<String>,
+    pub source: Source,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChannelRecord {
+    pub id: String,
+    pub kind: String,
+    pub assistant: String,
+    pub enabled: bool,
+    pub hook_id: String,
+    pub settings: serde_json::Value,
+    pub sealed_secrets: Option<Vec<u8>>,
+    pub source: Source,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// How a channel upsert treats what is already stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Upsert {
+    /// Replace everything (admin API edits).
+    Replace,
+    /// A config channel at start: keep the stored `enabled` and `hook_id` (the store is the
+    /// truth for both once the channel exists), refresh the rest.
+    KeepStateFromStore,
+}
+
+/// A message to put in the inbox.
+#[derive(Clone, Debug)]
+pub struct NewInbox {
+    pub channel_id: String,
+    pub event_id: String,
+    pub conversation_id: String,
+    /// The `Inbound` as JSON.
+    pub payload: String,
+    pub received_at: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct InboxItem {
+    pub id: i64,
+    pub channel_id: String,
+    pub event_id: String,
+    pub conversation_id: String,
+    pub payload: String,
+    pub attempts: u32,
+    pub received_at: i64,
+}
+
+/// A reply to put in the outbox.
+#[derive(Clone, Debug)]
+pub struct NewOutbox {
+    pub reply_id: String,
+    pub channel_id: String,
+    pub conversation_id: String,
+    /// The `OutboundReply` as JSON (its `attempt` is filled in when claimed).
+    pub payload: String,
+    pub received_at: i64,
+    /// Not to be sent before this time (Unix ms): used to give an inline answer its chance.
+    pub not_before: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct OutboxItem {
+    pub id: i64,
+    pub reply_id: String,
+    pub channel_id: String,
+    pub payload: String,
+    pub attempts: u32,
+    pub received_at: i64,
+}
+
+/// What a conversation id stands for, so a pushed reply finds its way.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ConversationRecord {
+    pub id: String,
+    pub channel_id: String,
+    pub platform_conversation: String,
+    pub thread: Option<String>,
+    pub route: serde_json::Value,
+    pub updated_at: i64,
+}
+
+/// One claim of work.
+#[derive(Clone, Debug)]
+pub struct Claim {
+    pub owner: String,
+    pub now: i64,
+    pub lease_until: i64,
+    pub limit: usize,
+    /// Channels whose work waits (disabled): their rows are left alone.
+    pub paused_channels: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Queue {
+    Inbox,
+    Outbox,
+}
+
+impl Queue {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Queue::Inbox => "inbox",
+            Queue::Outbox => "outbox",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DeadLetter {
+    pub id: i64,
+    /// `inbox`: the assistant never answered; `outbox`: a reply was never delivered.
+    pub queue: Queue,
+    pub channel_id: String,
+    pub conversation_id: String,
+    pub reason: String,
+    pub attempts: u32,
+    pub failed_at: i64,
+    /// The message or reply as stored (JSON).
+    #[serde(skip)]
+    pub payload: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct QueueDepths {
+    pub inbox: u64,
+    pub outbox: u64,
+    pub dead_letters: u64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // Registry.
+    /// Bumped by every registry change; replicas poll it to see each other's changes.
+    async fn registry_version(&self) -> StoreResult<i64>;
+    async fn load_registry(&self) -> StoreResult<(i64, Vec<AssistantRecord>, Vec<ChannelRecord>)>;
+    async fn put_assistant(&self, rec: AssistantRecord) -> StoreResult<()>;
+    async fn delete_assistant(&self, id: &str) -> StoreResult<bool>;
+    /// Inserts or updates; answers the record as stored.
+    async fn put_channel(&self, rec: ChannelRecord, mode: Upsert) -> StoreResult<ChannelRecord>;
+    async fn set_channel_enabled(&self, id: &str, enabled: bool) -> StoreResult<bool>;
+    async fn delete_channel(&self, id: &str) -> StoreResult<bool>;
+
+    // Inbox.
+    /// Stores new messages in one commit, dropping those whose (channel, event id) was seen
+    /// within the dedupe window (`dedupe_until` is when this sighting expires).
+    async fn inbox_put(&self, items: Vec<NewInbox>, dedupe_until: i64) -> StoreResult<Vec<Accepted>>;
+    async fn inbox_claim(&self, claim: Claim) -> StoreResult<Vec<InboxItem>>;
+    /// Removes the answered message and queues its replies, atomically.
+    async fn inbox_complete(
+        &self,
+        id: i64,
+        owner: &str,
+        replies: Vec<NewOutbox>,
+        conversation: ConversationRecord,
+    ) -> StoreResult<()>;
+    /// Gives the message back for another attempt no sooner than `next_at`.
+    async fn inbox_release(&self, id: i64, owner: &str, next_at: i64, error: &str) -> StoreResult<()>;
+    async fn inbox_dead(&self, id: i64, owner: &str, reason: &str) -> StoreResult<()>;
+
+    // Outbox.
+    /// Queues replies; a reply id already queued or delivered is not queued again.
+    async fn outbox_put(&self, replies: Vec<NewOutbox>) -> StoreResult<usize>;
+    async fn outbox_claim(&self, claim: Claim) -> StoreResult<Vec<OutboxItem>>;
+    async fn outbox_done(&self, id: i64, owner: &str) -> StoreResult<()>;
+    /// Removes a reply that was delivered another way (an inline answer).
+    async fn outbox_cancel(&self, reply_ids: Vec<String>) -> StoreResult<()>;
+    async fn outbox_release(&self, id: i64, owner: &str, next_at: i64, error: &str) -> StoreResult<()>;
+    async fn outbox_dead(&self, id: i64, owner: &str, reason: &str) -> StoreResult<()>;
+
+    // Conversations and dead letters.
+    async fn conversation(&self, id: &str) -> StoreResult<Option<ConversationRecord>>;
+    async fn dead_letters(&self, channel: Option<String>, limit: usize) -> StoreResult<Vec<DeadLetter>>;
+    /// Puts a dead letter back in its queue for a fresh series of attempts.
+    async fn dead_letter_retry(&self, id: i64) -> StoreResult<bool>;
+    async fn dead_letter_delete(&self, id: i64) -> StoreResult<bool>;
+
+    // Housekeeping.
+    async fn prune(&self, now: i64) -> StoreResult<u64>;
+    async fn depths(&self) -> StoreResult<QueueDepths>;
+    /// Finishes pending writes and makes the database compact and durable.
+    async fn close(&self);
+}

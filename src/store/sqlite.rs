@@ -1,0 +1,759 @@
+//! The embedded SQLite store: WAL, versioned migrations, and group commits.
+//!
+//! One writer thread owns the connection. Every operation is a job sent to it; the thread
+//! takes all the jobs waiting, runs each inside its own SAVEPOINT (so one failing job rolls
+//! back alone), commits them with one COMMIT, and only then answers each caller. Many HTTP
+//! requests acknowledged in the same millisecond thus share one write to the WAL, and no
+//! caller hears "stored" before its row is committed.
+
+use super::*;
+use patchbay_channel_core::Accepted;
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::Mutex;
+use tokio::sync::oneshot;
+
+use crate::config::SqliteSynchronous;
+
+type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
+enum Job {
+    Run(Box<dyn FnOnce(&Connection) -> Done + Send>),
+    Close(oneshot::Sender<()>),
+}
+
+/// The most jobs one commit takes: bounds the latency a job can add to its neighbours.
+const MAX_GROUP: usize = 2048;
+
+/// Schema versions, applied in order; `PRAGMA user_version` records the last one applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: registry, queues, dedupe, conversations, dead letters.
+    r#"
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    INSERT INTO meta (key, value) VALUES ('registry_version', 0);
+    CREATE TABLE assistants (
+        id TEXT PRIMARY KEY, backend TEXT NOT NULL, settings TEXT NOT NULL,
+        sealed_secrets BLOB, api_key_hash TEXT, source TEXT NOT NULL,
+        created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
+    CREATE TABLE channels (
+        id TEXT PRIMARY KEY, kind TEXT NOT NULL, assistant TEXT NOT NULL,
+        enabled INTEGER NOT NULL, hook_id TEXT NOT NULL UNIQUE, settings TEXT NOT NULL,
+        sealed_secrets BLOB, source TEXT NOT NULL,
+        created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
+    CREATE TABLE dedupe (
+        channel_id TEXT NOT NULL, event_id TEXT NOT NULL, expires_at INTEGER NOT NULL,
+        PRIMARY KEY (channel_id, event_id)) WITHOUT ROWID;
+    CREATE INDEX dedupe_expiry ON dedupe (expires_at);
+    CREATE TABLE inbox (
+        id INTEGER PRIMARY KEY, channel_id TEXT NOT NULL, event_id TEXT NOT NULL,
+        conversation_id TEXT NOT NULL, payload TEXT NOT NULL, received_at INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0, next_at INTEGER NOT NULL DEFAULT 0,
+        lease_owner TEXT, lease_until INTEGER NOT NULL DEFAULT 0, last_error TEXT);
+    CREATE INDEX inbox_conversation ON inbox (conversation_id, id);
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY, reply_id TEXT NOT NULL UNIQUE, channel_id TEXT NOT NULL,
+        conversation_id TEXT NOT NULL, payload TEXT NOT NULL, received_at INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0, next_at INTEGER NOT NULL DEFAULT 0,
+        lease_owner TEXT, lease_until INTEGER NOT NULL DEFAULT 0, last_error TEXT);
+    CREATE INDEX outbox_conversation ON outbox (conversation_id, id);
+    CREATE TABLE conversations (
+        id TEXT PRIMARY KEY, channel_id TEXT NOT NULL, platform_conversation TEXT NOT NULL,
+        thread TEXT, route TEXT NOT NULL, updated_at INTEGER NOT NULL);
+    CREATE TABLE dead_letters (
+        id INTEGER PRIMARY KEY, queue TEXT NOT NULL, channel_id TEXT NOT NULL,
+        conversation_id TEXT NOT NULL, key TEXT NOT NULL, payload TEXT NOT NULL,
+        reason TEXT NOT NULL, attempts INTEGER NOT NULL, received_at INTEGER NOT NULL,
+        failed_at INTEGER NOT NULL);
+    CREATE INDEX dead_letters_channel ON dead_letters (channel_id, id);
+    "#,
+];
+
+pub struct SqliteStore {
+    tx: Mutex<mpsc::Sender<Job>>,
+}
+
+fn db<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating the file and its directory) and migrates the database.
+    pub fn open(path: &Path, synchronous: SqliteSynchronous) -> StoreResult<SqliteStore> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Db(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let mut conn = Connection::open(path).map_err(|e| StoreError::Db(format!("cannot open {}: {e}", path.display())))?;
+        let sync = match synchronous {
+            SqliteSynchronous::Normal => "NORMAL",
+            SqliteSynchronous::Full => "FULL",
+        };
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA busy_timeout = 5000;"
+        ))
+        .map_err(db)?;
+        migrate(&mut conn)?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("patchbay-sqlite".into())
+            .spawn(move || writer(conn, rx))
+            .map_err(db)?;
+        Ok(SqliteStore { tx: Mutex::new(tx) })
+    }
+
+    /// Runs `f` on the writer thread inside the next group commit; answers after COMMIT.
+    async fn run<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<StoreResult<T>>();
+        let job = Job::Run(Box::new(move |conn: &Connection| -> Done {
+            if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+                let msg = e.to_string();
+                return Box::new(move |_| {
+                    let _ = tx.send(Err(StoreError::Db(msg)));
+                });
+            }
+            match f(conn) {
+                Ok(v) => {
+                    let _ = conn.execute_batch("RELEASE job");
+                    Box::new(move |committed: Result<(), String>| {
+                        let _ = tx.send(committed.map(|_| v).map_err(StoreError::Db));
+                    })
+                }
+                Err(e) => {
+                    let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
+                    Box::new(move |_| {
+                        let _ = tx.send(Err(e));
+                    })
+                }
+            }
+        }));
+        self.tx.lock().map_err(|_| StoreError::Closed)?.send(job).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+fn migrate(conn: &mut Connection) -> StoreResult<()> {
+    let current: usize = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).map_err(db)? as usize;
+    if current > MIGRATIONS.len() {
+        return Err(StoreError::Db(format!(
+            "the database is at schema version {current}, newer than this build knows ({}); use a newer patchbay",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        let tx = conn.transaction().map_err(db)?;
+        tx.execute_batch(sql).map_err(|e| StoreError::Db(format!("migration {}: {e}", i + 1)))?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(db)?;
+        tx.commit().map_err(db)?;
+    }
+    Ok(())
+}
+
+fn writer(conn: Connection, rx: mpsc::Receiver<Job>) {
+    let mut batch: Vec<Box<dyn FnOnce(&Connection) -> Done + Send>> = Vec::with_capacity(MAX_GROUP);
+    let mut closing: Option<oneshot::Sender<()>> = None;
+    while closing.is_none() {
+        match rx.recv() {
+            Ok(Job::Run(f)) => batch.push(f),
+            Ok(Job::Close(done)) => closing = Some(done),
+            Err(_) => break,
+        }
+        while batch.len() < MAX_GROUP && closing.is_none() {
+            match rx.try_recv() {
+                Ok(Job::Run(f)) => batch.push(f),
+                Ok(Job::Close(done)) => closing = Some(done),
+                Err(_) => break,
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let dones: Vec<Done>;
+        let outcome = match conn.execute_batch("BEGIN IMMEDIATE") {
+            Ok(()) => {
+                dones = batch.drain(..).map(|f| f(&conn)).collect();
+                conn.execute_batch("COMMIT").map_err(|e| {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    e.to_string()
+                })
+            }
+            Err(e) => {
+                // Cannot start a transaction (the disk is gone, the file is locked by
+                // another process past busy_timeout): every caller hears it.
+                let msg = e.to_string();
+                dones = batch
+                    .drain(..)
+                    .map(|_| -> Done { Box::new(|_| {}) })
+                    .collect();
+                tracing::error!(error = %msg, "cannot begin a store transaction");
+                Err(msg)
+            }
+        };
+        for done in dones {
+            done(outcome.clone());
+        }
+    }
+    // Shutting down: fold the WAL back into the database so the files on disk are complete.
+    let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+    drop(conn);
+    if let Some(done) = closing {
+        let _ = done.send(());
+    }
+}
+
+fn bump_registry(conn: &Connection) -> StoreResult<()> {
+    conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'registry_version'", [])
+        .map_err(db)?;
+    Ok(())
+}
+
+fn paused_json(claim: &Claim) -> String {
+    serde_json::to_string(&claim.paused_channels).unwrap_or_else(|_| "[]".into())
+}
+
+const CLAIM_INBOX: &str = "
+    UPDATE inbox SET lease_owner = ?1, lease_until = ?2, attempts = attempts + 1
+    WHERE id IN (
+        SELECT a.id FROM inbox a
+        WHERE a.next_at <= ?3 AND a.lease_until <= ?3
+          AND a.channel_id NOT IN (SELECT value FROM json_each(?4))
+          AND NOT EXISTS (SELECT 1 FROM inbox b WHERE b.conversation_id = a.conversation_id AND b.id < a.id)
+        ORDER BY a.id LIMIT ?5)
+    RETURNING id, channel_id, event_id, conversation_id, payload, attempts, received_at";
+
+const CLAIM_OUTBOX: &str = "
+    UPDATE outbox SET lease_owner = ?1, lease_until = ?2, attempts = attempts + 1
+    WHERE id IN (
+        SELECT a.id FROM outbox a
+        WHERE a.next_at <= ?3 AND a.lease_until <= ?3
+          AND a.channel_id NOT IN (SELECT value FROM json_each(?4))
+          AND NOT EXISTS (SELECT 1 FROM outbox b WHERE b.conversation_id = a.conversation_id AND b.id < a.id)
+        ORDER BY a.id LIMIT ?5)
+    RETURNING id, reply_id, channel_id, payload, attempts, received_at";
+
+fn move_to_dead(conn: &Connection, queue: Queue, id: i64, owner: &str, reason: &str) -> StoreResult<()> {
+    let (table, key) = match queue {
+        Queue::Inbox => ("inbox", "event_id"),
+        Queue::Outbox => ("outbox", "reply_id"),
+    };
+    let n = conn
+        .execute(
+            &format!(
+                "INSERT INTO dead_letters (queue, channel_id, conversation_id, key, payload, reason, attempts, received_at, failed_at)
+                 SELECT ?1, channel_id, conversation_id, {key}, payload, ?2, attempts, received_at, ?3
+                 FROM {table} WHERE id = ?4 AND lease_owner = ?5"
+            ),
+            params![queue.as_str(), reason, patchbay_channel_core::now_ms(), id, owner],
+        )
+        .map_err(db)?;
+    if n == 0 {
+        return Err(StoreError::LeaseLost);
+    }
+    conn.execute(&format!("DELETE FROM {table} WHERE id = ?1"), params![id]).map_err(db)?;
+    Ok(())
+}
+
+fn release(conn: &Connection, table: &str, id: i64, owner: &str, next_at: i64, error: &str) -> StoreResult<()> {
+    let n = conn
+        .prepare_cached(&format!(
+            "UPDATE {table} SET lease_owner = NULL, lease_until = 0, next_at = ?1, last_error = ?2
+             WHERE id = ?3 AND lease_owner = ?4"
+        ))
+        .and_then(|mut s| s.execute(params![next_at, error, id, owner]))
+        .map_err(db)?;
+    if n == 0 {
+        return Err(StoreError::LeaseLost);
+    }
+    Ok(())
+}
+
+fn insert_outbox(conn: &Connection, replies: &[NewOutbox]) -> StoreResult<usize> {
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT OR IGNORE INTO outbox (reply_id, channel_id, conversation_id, payload, received_at, next_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .map_err(db)?;
+    let mut n = 0;
+    for r in replies {
+        n += stmt
+            .execute(params![r.reply_id, r.channel_id, r.conversation_id, r.payload, r.received_at, r.not_before])
+            .map_err(db)?;
+    }
+    Ok(n)
+}
+
+fn upsert_conversation(conn: &Connection, c: &ConversationRecord) -> StoreResult<()> {
+    conn.prepare_cached(
+        "INSERT INTO conversations (id, channel_id, platform_conversation, thread, route, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (id) DO UPDATE SET route = excluded.route, updated_at = excluded.updated_at",
+    )
+    .and_then(|mut s| {
+        s.execute(params![c.id, c.channel_id, c.platform_conversation, c.thread, c.route.to_string(), c.updated_at])
+    })
+    .map_err(db)?;
+    Ok(())
+}
+
+fn channel_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChannelRecord> {
+    Ok(ChannelRecord {
+        id: r.get(0)?,
+        kind: r.get(1)?,
+        assistant: r.get(2)?,
+        enabled: r.get(3)?,
+        hook_id: r.get(4)?,
+        settings: serde_json::from_str(&r.get::<_, String>(5)?).unwrap_or_default(),
+        sealed_secrets: r.get(6)?,
+        source: Source::parse(&r.get::<_, String>(7)?),
+        created_at: r.get(8)?,
+        updated_at: r.get(9)?,
+    })
+}
+
+const CHANNEL_COLUMNS: &str =
+    "id, kind, assistant, enabled, hook_id, settings, sealed_secrets, source, created_at, updated_at";
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn registry_version(&self) -> StoreResult<i64> {
+        self.run(|c| {
+            c.query_row("SELECT value FROM meta WHERE key = 'registry_version'", [], |r| r.get(0))
+                .map_err(db)
+        })
+        .await
+    }
+
+    async fn load_registry(&self) -> StoreResult<(i64, Vec<AssistantRecord>, Vec<ChannelRecord>)> {
+        self.run(|c| {
+            let version = c
+                .query_row("SELECT value FROM meta WHERE key = 'registry_version'", [], |r| r.get(0))
+                .map_err(db)?;
+            let mut stmt = c
+                .prepare(
+                    "SELECT id, backend, settings, sealed_secrets, api_key_hash, source, created_at, updated_at
+                     FROM assistants ORDER BY id",
+                )
+                .map_err(db)?;
+            let assistants = stmt
+                .query_map([], |r| {
+                    Ok(AssistantRecord {
+                        id: r.get(0)?,
+                        backend: r.get(1)?,
+                        settings: serde_json::from_str(&r.get::<_, String>(2)?).unwrap_or_default(),
+                        sealed_secrets: r.get(3)?,
+                        api_key_hash: r.get(4)?,
+                        source: Source::parse(&r.get::<_, String>(5)?),
+                        created_at: r.get(6)?,
+                        updated_at: r.get(7)?,
+                    })
+                })
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            let mut stmt = c
+                .prepare(&format!("SELECT {CHANNEL_COLUMNS} FROM channels ORDER BY id"))
+                .map_err(db)?;
+            let channels = stmt
+                .query_map([], channel_from_row)
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok((version, assistants, channels))
+        })
+        .await
+    }
+
+    async fn put_assistant(&self, a: AssistantRecord) -> StoreResult<()> {
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO assistants (id, backend, settings, sealed_secrets, api_key_hash, source, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (id) DO UPDATE SET backend = excluded.backend, settings = excluded.settings,
+                   sealed_secrets = excluded.sealed_secrets, api_key_hash = excluded.api_key_hash,
+                   source = excluded.source, updated_at = excluded.updated_at",
+                params![
+                    a.id,
+                    a.backend,
+                    a.settings.to_string(),
+                    a.sealed_secrets,
+                    a.api_key_hash,
+                    a.source.as_str(),
+                    a.created_at,
+                    a.updated_at
+                ],
+            )
+            .map_err(db)?;
+            bump_registry(c)
+        })
+        .await
+    }
+
+    async fn delete_assistant(&self, id: &str) -> StoreResult<bool> {
+        let id = id.to_owned();
+        self.run(move |c| {
+            let users: i64 = c
+                .query_row("SELECT count(*) FROM channels WHERE assistant = ?1", params![id], |r| r.get(0))
+                .map_err(db)?;
+            if users > 0 {
+                return Err(StoreError::Conflict(format!(
+                    "{users} channel(s) use this assistant; delete them or point them elsewhere first"
+                )));
+            }
+            let n = c.execute("DELETE FROM assistants WHERE id = ?1", params![id]).map_err(db)?;
+            bump_registry(c)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn put_channel(&self, ch: ChannelRecord, mode: Upsert) -> StoreResult<ChannelRecord> {
+        self.run(move |c| {
+            let sql = match mode {
+                Upsert::Replace => {
+                    "INSERT INTO channels (id, kind, assistant, enabled, hook_id, settings, sealed_secrets, source, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                     ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, assistant = excluded.assistant,
+                       enabled = excluded.enabled, hook_id = excluded.hook_id, settings = excluded.settings,
+                       sealed_secrets = excluded.sealed_secrets, source = excluded.source, updated_at = excluded.updated_at"
+                }
+                Upsert::KeepStateFromStore => {
+                    "INSERT INTO channels (id, kind, assistant, enabled, hook_id, settings, sealed_secrets, source, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                     ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, assistant = excluded.assistant,
+                       settings = excluded.settings, sealed_secrets = excluded.sealed_secrets,
+                       source = excluded.source,
+                       updated_at = CASE WHEN channels.kind = excluded.kind AND channels.assistant = excluded.assistant
+                         AND channels.settings = excluded.settings AND channels.sealed_secrets IS excluded.sealed_secrets
+                         THEN channels.updated_at ELSE excluded.updated_at END"
+                }
+            };
+            c.execute(
+                sql,
+                params![
+                    ch.id,
+                    ch.kind,
+                    ch.assistant,
+                    ch.enabled,
+                    ch.hook_id,
+                    ch.settings.to_string(),
+                    ch.sealed_secrets,
+                    ch.source.as_str(),
+                    ch.created_at,
+                    ch.updated_at
+                ],
+            )
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                    StoreError::Conflict("another channel already uses this hook_id".into())
+                }
+                e => db(e),
+            })?;
+            bump_registry(c)?;
+            c.query_row(
+                &format!("SELECT {CHANNEL_COLUMNS} FROM channels WHERE id = ?1"),
+                params![ch.id],
+                channel_from_row,
+            )
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn set_channel_enabled(&self, id: &str, enabled: bool) -> StoreResult<bool> {
+        let id = id.to_owned();
+        self.run(move |c| {
+            let n = c
+                .execute(
+                    "UPDATE channels SET enabled = ?1, updated_at = ?2 WHERE id = ?3",
+                    params![enabled, patchbay_channel_core::now_ms(), id],
+                )
+                .map_err(db)?;
+            bump_registry(c)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn delete_channel(&self, id: &str) -> StoreResult<bool> {
+        let id = id.to_owned();
+        self.run(move |c| {
+            let n = c.execute("DELETE FROM channels WHERE id = ?1", params![id]).map_err(db)?;
+            bump_registry(c)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn inbox_put(&self, items: Vec<NewInbox>, dedupe_until: i64) -> StoreResult<Vec<Accepted>> {
+        self.run(move |c| {
+            let mut seen = c
+                .prepare_cached(
+                    "INSERT INTO dedupe (channel_id, event_id, expires_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (channel_id, event_id) DO UPDATE SET expires_at = excluded.expires_at
+                     WHERE dedupe.expires_at < ?4",
+                )
+                .map_err(db)?;
+            let mut insert = c
+                .prepare_cached(
+                    "INSERT INTO inbox (channel_id, event_id, conversation_id, payload, received_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(db)?;
+            let now = patchbay_channel_core::now_ms();
+            let mut out = Vec::with_capacity(items.len());
+            for it in &items {
+                let fresh = seen.execute(params![it.channel_id, it.event_id, dedupe_until, now]).map_err(db)? > 0;
+                if fresh {
+                    insert
+                        .execute(params![it.channel_id, it.event_id, it.conversation_id, it.payload, it.received_at])
+                        .map_err(db)?;
+                    out.push(Accepted::New);
+                } else {
+                    out.push(Accepted::Duplicate);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn inbox_claim(&self, claim: Claim) -> StoreResult<Vec<InboxItem>> {
+        self.run(move |c| {
+            let mut stmt = c.prepare_cached(CLAIM_INBOX).map_err(db)?;
+            let rows = stmt
+                .query_map(
+                    params![claim.owner, claim.lease_until, claim.now, paused_json(&claim), claim.limit as i64],
+                    |r| {
+                        Ok(InboxItem {
+                            id: r.get(0)?,
+                            channel_id: r.get(1)?,
+                            event_id: r.get(2)?,
+                            conversation_id: r.get(3)?,
+                            payload: r.get(4)?,
+                            attempts: r.get(5)?,
+                            received_at: r.get(6)?,
+                        })
+                    },
+                )
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn inbox_complete(
+        &self,
+        id: i64,
+        owner: &str,
+        replies: Vec<NewOutbox>,
+        conversation: ConversationRecord,
+    ) -> StoreResult<()> {
+        let owner = owner.to_owned();
+        self.run(move |c| {
+            let n = c
+                .prepare_cached("DELETE FROM inbox WHERE id = ?1 AND lease_owner = ?2")
+                .and_then(|mut s| s.execute(params![id, owner]))
+                .map_err(db)?;
+            if n == 0 {
+                return Err(StoreError::LeaseLost);
+            }
+            insert_outbox(c, &replies)?;
+            upsert_conversation(c, &conversation)
+        })
+        .await
+    }
+
+    async fn inbox_release(&self, id: i64, owner: &str, next_at: i64, error: &str) -> StoreResult<()> {
+        let (owner, error) = (owner.to_owned(), error.to_owned());
+        self.run(move |c| release(c, "inbox", id, &owner, next_at, &error)).await
+    }
+
+    async fn inbox_dead(&self, id: i64, owner: &str, reason: &str) -> StoreResult<()> {
+        let (owner, reason) = (owner.to_owned(), reason.to_owned());
+        self.run(move |c| move_to_dead(c, Queue::Inbox, id, &owner, &reason)).await
+    }
+
+    async fn outbox_put(&self, replies: Vec<NewOutbox>) -> StoreResult<usize> {
+        self.run(move |c| insert_outbox(c, &replies)).await
+    }
+
+    async fn outbox_claim(&self, claim: Claim) -> StoreResult<Vec<OutboxItem>> {
+        self.run(move |c| {
+            let mut stmt = c.prepare_cached(CLAIM_OUTBOX).map_err(db)?;
+            let rows = stmt
+                .query_map(
+                    params![claim.owner, claim.lease_until, claim.now, paused_json(&claim), claim.limit as i64],
+                    |r| {
+                        Ok(OutboxItem {
+                            id: r.get(0)?,
+                            reply_id: r.get(1)?,
+                            channel_id: r.get(2)?,
+                            payload: r.get(3)?,
+                            attempts: r.get(4)?,
+                            received_at: r.get(5)?,
+                        })
+                    },
+                )
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn outbox_done(&self, id: i64, owner: &str) -> StoreResult<()> {
+        let owner = owner.to_owned();
+        self.run(move |c| {
+            let n = c
+                .prepare_cached("DELETE FROM outbox WHERE id = ?1 AND lease_owner = ?2")
+                .and_then(|mut s| s.execute(params![id, owner]))
+                .map_err(db)?;
+            if n == 0 {
+                return Err(StoreError::LeaseLost);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn outbox_cancel(&self, reply_ids: Vec<String>) -> StoreResult<()> {
+        self.run(move |c| {
+            let mut stmt = c
+                .prepare_cached("DELETE FROM outbox WHERE reply_id = ?1 AND lease_owner IS NULL")
+                .map_err(db)?;
+            for id in &reply_ids {
+                stmt.execute(params![id]).map_err(db)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn outbox_release(&self, id: i64, owner: &str, next_at: i64, error: &str) -> StoreResult<()> {
+        let (owner, error) = (owner.to_owned(), error.to_owned());
+        self.run(move |c| release(c, "outbox", id, &owner, next_at, &error)).await
+    }
+
+    async fn outbox_dead(&self, id: i64, owner: &str, reason: &str) -> StoreResult<()> {
+        let (owner, reason) = (owner.to_owned(), reason.to_owned());
+        self.run(move |c| move_to_dead(c, Queue::Outbox, id, &owner, &reason)).await
+    }
+
+    async fn conversation(&self, id: &str) -> StoreResult<Option<ConversationRecord>> {
+        let id = id.to_owned();
+        self.run(move |c| {
+            c.query_row(
+                "SELECT id, channel_id, platform_conversation, thread, route, updated_at FROM conversations WHERE id = ?1",
+                params![id],
+                |r| {
+                    Ok(ConversationRecord {
+                        id: r.get(0)?,
+                        channel_id: r.get(1)?,
+                        platform_conversation: r.get(2)?,
+                        thread: r.get(3)?,
+                        route: serde_json::from_str(&r.get::<_, String>(4)?).unwrap_or_default(),
+                        updated_at: r.get(5)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn dead_letters(&self, channel: Option<String>, limit: usize) -> StoreResult<Vec<DeadLetter>> {
+        self.run(move |c| {
+            let mut stmt = c
+                .prepare(
+                    "SELECT id, queue, channel_id, conversation_id, reason, attempts, failed_at, payload
+                     FROM dead_letters WHERE (?1 IS NULL OR channel_id = ?1) ORDER BY id DESC LIMIT ?2",
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map(params![channel, limit as i64], |r| {
+                    Ok(DeadLetter {
+                        id: r.get(0)?,
+                        queue: if r.get::<_, String>(1)? == "inbox" { Queue::Inbox } else { Queue::Outbox },
+                        channel_id: r.get(2)?,
+                        conversation_id: r.get(3)?,
+                        reason: r.get(4)?,
+                        attempts: r.get(5)?,
+                        failed_at: r.get(6)?,
+                        payload: r.get(7)?,
+                    })
+                })
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn dead_letter_retry(&self, id: i64) -> StoreResult<bool> {
+        self.run(move |c| {
+            let queue: Option<String> = c
+                .query_row("SELECT queue FROM dead_letters WHERE id = ?1", params![id], |r| r.get(0))
+                .optional()
+                .map_err(db)?;
+            let Some(queue) = queue else { return Ok(false) };
+            let sql = if queue == "inbox" {
+                "INSERT INTO inbox (channel_id, event_id, conversation_id, payload, received_at)
+                 SELECT channel_id, key, conversation_id, payload, received_at FROM dead_letters WHERE id = ?1"
+            } else {
+                "INSERT OR IGNORE INTO outbox (reply_id, channel_id, conversation_id, payload, received_at)
+                 SELECT key, channel_id, conversation_id, payload, received_at FROM dead_letters WHERE id = ?1"
+            };
+            c.execute(sql, params![id]).map_err(db)?;
+            c.execute("DELETE FROM dead_letters WHERE id = ?1", params![id]).map_err(db)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn dead_letter_delete(&self, id: i64) -> StoreResult<bool> {
+        self.run(move |c| {
+            Ok(c.execute("DELETE FROM dead_letters WHERE id = ?1", params![id]).map_err(db)? > 0)
+        })
+        .await
+    }
+
+    async fn prune(&self, now: i64) -> StoreResult<u64> {
+        self.run(move |c| {
+            let n = c.execute("DELETE FROM dedupe WHERE expires_at < ?1", params![now]).map_err(db)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn depths(&self) -> StoreResult<QueueDepths> {
+        self.run(|c| {
+            let count = |table: &str| -> StoreResult<u64> {
+                c.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get::<_, i64>(0))
+                    .map(|n| n as u64)
+                    .map_err(db)
+            };
+            Ok(QueueDepths {
+                inbox: count("inbox")?,
+                outbox: count("outbox")?,
+                dead_letters: count("dead_letters")?,
+            })
+        })
+        .await
+    }
+
+    async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.tx.lock().map(|s| s.send(Job::Close(tx)).is_ok()).unwrap_or(false);
+        if sent {
+            let _ = rx.await;
+        }
+    }
+}
