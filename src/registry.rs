@@ -379,11 +379,13 @@ impl Registry {
         }
         for (id, table) in &cfg.channels {
             match self.prepare_channel_from_config(id, table) {
-                Ok(ch) if !cfg.assistants.contains_key(&ch.assistant) => errors.push(ConfigError::new(
-                    format!("channels.{id}.assistant"),
-                    format!("no assistant `{}` is declared under [assistants]", ch.assistant),
-                )),
                 Ok(ch) => {
+                    if !cfg.assistants.contains_key(&ch.assistant) {
+                        errors.push(ConfigError::new(
+                            format!("channels.{id}.assistant"),
+                            format!("no assistant `{}` is declared under [assistants]", ch.assistant),
+                        ));
+                    }
                     let hook = ch.hook_id.clone().unwrap_or_else(|| HookId::generate().to_string());
                     if let Err(e) = self.build_channel(id, &ch.kind, &hook, &Value::Object(ch.settings.clone())) {
                         errors.push(config_error("channels", id, e));

@@ -39,13 +39,13 @@ pub fn parse_settings<T: DeserializeOwned>(value: &serde_json::Value) -> Result<
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
-        // serde says "unknown field `x`, expected one of …" at the parent's path; name the
-        // field itself so the message points at the key to fix.
+        // Name the unknown field itself, whether or not the path already ends with it, so
+        // the message points at the key to fix.
         let field = match (path.as_str(), unknown_field(&inner)) {
             (".", Some(f)) => f.to_owned(),
-            (p, Some(f)) => format!("{p}.{f}"),
+            (p, Some(f)) if p != f && !p.ends_with(&format!(".{f}")) => format!("{p}.{f}"),
             (".", None) => String::new(),
-            (p, None) => p.to_owned(),
+            (p, _) => p.to_owned(),
         };
         SettingsError::new(field, inner)
     })
