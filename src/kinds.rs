@@ -4,5 +4,8 @@ use patchbay_channel_core::ChannelKind;
 use std::sync::Arc;
 
 pub fn all() -> Vec<Arc<dyn ChannelKind>> {
-    vec![Arc::new(patchbay_channel_loopback::LoopbackKind)]
+    vec![
+        Arc::new(patchbay_channel_loopback::LoopbackKind),
+        Arc::new(patchbay_channel_mattermost::MattermostKind),
+    ]
 }
