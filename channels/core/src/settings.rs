@@ -39,9 +39,9 @@ pub fn parse_settings<T: DeserializeOwned>(value: &serde_json::Value) -> Result<
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
-        // Name the unknown field itself, whether or not the path already ends with it, so
-        // the message points at the key to fix.
-        let field = match (path.as_str(), unknown_field(&inner)) {
+        // Name the unknown (or missing) field itself, whether or not the path already ends
+        // with it, so the message points at the key to fix.
+        let field = match (path.as_str(), named_field(&inner)) {
             (".", Some(f)) => f.to_owned(),
             (p, Some(f)) if p != f && !p.ends_with(&format!(".{f}")) => format!("{p}.{f}"),
             (".", None) => String::new(),
@@ -51,8 +51,8 @@ pub fn parse_settings<T: DeserializeOwned>(value: &serde_json::Value) -> Result<
     })
 }
 
-fn unknown_field(msg: &str) -> Option<&str> {
-    let rest = msg.strip_prefix("unknown field `")?;
+fn named_field(msg: &str) -> Option<&str> {
+    let rest = msg.strip_prefix("unknown field `").or_else(|| msg.strip_prefix("missing field `"))?;
     rest.split('`').next()
 }
 
@@ -87,5 +87,6 @@ mod tests {
     fn names_the_missing_field() {
         let e = parse_settings::<S>(&serde_json::json!({})).unwrap_err();
         assert!(e.message.contains("missing field `url`"), "{e}");
+        assert_eq!(e.field, "url");
     }
 }
