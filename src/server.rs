@@ -174,6 +174,10 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 }
 
 async fn metrics_page(state: web::Data<AppState>) -> HttpResponse {
+    // Every channel has its series from the start, at zero, not only once it saw traffic.
+    for id in state.registry.snapshot().channels.keys() {
+        state.metrics.channel(id);
+    }
     let depths = state.store.depths().await.ok();
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")

@@ -445,6 +445,13 @@ async fn channel_lifecycle_through_the_api() {
     assert_eq!(v["enabled"], true);
     assert_ne!(v["status"]["state"], "disabled", "{v}");
     assert_eq!(v["callback_url"], hook1.as_str(), "enabling keeps the callback URL");
+    // A hook bounds the request body too (2048 here): 413 in the error shape.
+    let resp = http().post(&hook1).header("Content-Type", "application/json")
+        .body(json!({"id": "big", "conversation": "c", "text": "x".repeat(4096)}).to_string()).send().await.unwrap();
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.unwrap_or_default();
+    assert_error("a hook body over the limit", (status, &body), 413, Some("body_too_large"), None);
+
     let (s, r) = send(&hook1, "m2", "c1", "after enabling").await;
     assert_eq!((s, &r["accepted"]), (200, &json!(true)), "{r}");
     eventually(WITHIN, "the reply to m2 delivered", || async {
@@ -511,9 +518,22 @@ async fn secrets_are_write_only_and_sealed() {
     const TOKEN: &str = "tok-Zq8vW3xR7mN2pL5kJ9hG4fD6";
     const TOKEN2: &str = "tok-second-Hy7Ud2Kc9Bx4Mn6Qs";
     const WEBHOOK_SECRET: &str = "whsec-Pf3Lr8Tn1Wv6Yb0Cz5Xq";
-    // Debug logging, so that a secret in any log line is caught.
-    let mut pb = Patchbay::start(&format!("{}\n[log]\nlevel = \"debug\"\n", base_config("")));
+    const CONFIG_TOKEN: &str = "cfgtok-Rb4Nw8Jq2Vx6Zt0Hm3Ls";
+    const REFUSED: &str = "refused-Gk5Pd9Ws1Ej7Ua3Oi";
+    // Debug logging, so that a secret in any log line is caught. A config channel takes its
+    // token from the environment.
+    let config = base_config("token = \"env:PB_TEST_CFG_TOKEN\"\n[log]\nlevel = \"debug\"\n");
+    let mut pb = Patchbay::start_with_env(&config, &[("PB_TEST_CFG_TOKEN", CONFIG_TOKEN)]);
     let mut answers = Vec::new();
+    let (s, v) = pb.admin("GET", "/api/v1/channels/cfg", None).await;
+    assert_eq!((s, &v["settings"]["token"]), (200, &json!({"set": true})), "{v}");
+    answers.push(v);
+    // A refused create does not echo what it was given.
+    for settings in [json!({"token": REFUSED, "deliver_url": "ftp://x"}), json!({"token": REFUSED, "tokn": REFUSED})] {
+        let (s, v) = pb.admin("POST", "/api/v1/channels", Some(json!({"id": "refused", "kind": "loopback", "assistant": "echo", "settings": settings}))).await;
+        assert_eq!(s, 400, "{v}");
+        answers.push(v);
+    }
 
     // A channel with a secret.
     let (s, v) = pb
@@ -550,6 +570,10 @@ async fn secrets_are_write_only_and_sealed() {
     let (s, v) = post(&hook, Some(format!("Bearer {TOKEN}")), "n3").await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["replies"][0]["text"], "echo: hi", "{v}");
+
+    let cfg_hook = pb.callback_url("cfg").await;
+    assert_eq!(post(&cfg_hook, None, "k1").await.0, 401);
+    assert_eq!(post(&cfg_hook, Some(format!("Bearer {CONFIG_TOKEN}")), "k2").await.0, 200);
 
     // A webhook assistant's secret, and an echo assistant's generated key.
     let (s, v) = pb
@@ -605,7 +629,7 @@ async fn secrets_are_write_only_and_sealed() {
         String::from_utf8_lossy(&cli_show.stdout),
         String::from_utf8_lossy(&cli_json.stdout)
     );
-    let secrets = [TOKEN, WEBHOOK_SECRET, key.as_str(), TOKEN2];
+    let secrets = [TOKEN, WEBHOOK_SECRET, key.as_str(), TOKEN2, CONFIG_TOKEN, REFUSED];
     let check_everywhere = |pb: &Patchbay, when: &str| {
         for secret in secrets {
             assert!(!everything.contains(secret), "{when}: an API answer or CLI output shows a secret");
@@ -614,6 +638,9 @@ async fn secrets_are_write_only_and_sealed() {
             assert!(!pb.stderr().contains(secret), "{when}: a secret is in the log:\n{}", pb.stderr());
         }
     };
+    let log = pb.stderr();
+    assert!(log.contains("patchbay is listening"), "the log check has a log to look at: {log}");
+    assert!(!log.contains('\x1b'), "a log written to a file has no colour escapes: {log}");
     check_everywhere(&pb, "while running");
     assert!(pb.path().join("data/patchbay.db").exists());
 
@@ -677,6 +704,13 @@ deliver_url = "{url}"
     let (_, v) = pb.admin("GET", "/api/v1/channels/off-in-config", None).await;
     assert_eq!(v["enabled"], false, "{v}");
 
+    // The admin rotates a config channel's hook id: the new one is kept across restarts.
+    let (s, v) = pb.admin("POST", "/api/v1/channels/off-in-config/rotate-hook", None).await;
+    assert_eq!(s, 200, "{v}");
+    let rotated = hook_id(v["callback_url"].as_str().unwrap());
+    assert_ne!(rotated, off_id);
+    let off_id = rotated;
+
     // The admin flips both.
     assert_eq!(pb.admin("PATCH", "/api/v1/channels/on-in-config", Some(json!({"enabled": false}))).await.0, 200);
     assert_eq!(pb.admin("PATCH", "/api/v1/channels/off-in-config", Some(json!({"enabled": true}))).await.0, 200);
@@ -696,7 +730,9 @@ deliver_url = "{url}"
         // And the hooks behave accordingly.
         let (s, r) = send(&on_hook, &format!("on-{round}"), "c", &format!("to the disabled one {round}")).await;
         assert_eq!((s, &r["accepted"]), (200, &json!(false)), "{r}");
-        let (s, r) = send(&off_hook, &format!("off-{round}"), "c", &format!("to the enabled one {round}")).await;
+        // One conversation per round: a reply delivered just before the SIGKILL whose
+        // delivery was not yet recorded holds its conversation until its lease expires.
+        let (s, r) = send(&off_hook, &format!("off-{round}"), &format!("c{round}"), &format!("to the enabled one {round}")).await;
         assert_eq!((s, &r["accepted"]), (200, &json!(true)), "{r}");
         let want = format!("echo: to the enabled one {round}");
         eventually(WITHIN, "the enabled channel answers", || async {
@@ -722,6 +758,17 @@ async fn health_readiness_metrics_openapi_and_docs() {
     assert_eq!(v["status"], "ready", "{v}");
     for q in ["inbox", "outbox", "dead_letters"] {
         assert!(v["queues"][q].is_u64(), "readyz shows the {q} depth: {v}");
+    }
+
+    // Every channel has its series from the start, at zero (dashboards and alerts see a
+    // quiet channel, not a missing one), including one created through the API.
+    let (s, v) = pb.admin("POST", "/api/v1/channels", Some(json!({"id": "quiet", "kind": "loopback", "assistant": "echo"}))).await;
+    assert_eq!(s, 201, "{v}");
+    let m = metrics_text(&pb).await;
+    for channel in ["mx", "quiet"] {
+        for name in ["patchbay_messages_received_total", "patchbay_replies_delivered_total", "patchbay_failed_total"] {
+            assert_eq!(metric(&m, name, channel), Some(0.0), "{name}{{channel=\"{channel}\"}} before any traffic:\n{m}");
+        }
     }
 
     // Traffic: one message, one redelivery of it.
