@@ -224,6 +224,9 @@ impl crate::store::Store for NullStore {
     async fn put_assistant(&self, _: crate::store::AssistantRecord) -> crate::store::StoreResult<()> {
         Err(crate::store::StoreError::Closed)
     }
+    async fn insert_assistant(&self, _: crate::store::AssistantRecord) -> crate::store::StoreResult<()> {
+        Err(crate::store::StoreError::Closed)
+    }
     async fn delete_assistant(&self, _: &str) -> crate::store::StoreResult<bool> {
         Err(crate::store::StoreError::Closed)
     }

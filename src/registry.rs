@@ -575,7 +575,7 @@ impl Registry {
             .map_err(prefix_settings)?;
         let id = c.id.clone();
         let rec = self.channel_record(c, Source::Api, patchbay_channel_core::now_ms(), None);
-        self.store.put_channel(rec, Upsert::Replace).await.map_err(conflict)?;
+        self.store.put_channel(rec, Upsert::Insert).await.map_err(conflict)?;
         self.reload().await?;
         self.snapshot().channels.get(&id).cloned().ok_or_else(|| RegistryError::NotFound(format!("channel `{id}`")))
     }
@@ -628,8 +628,10 @@ impl Registry {
                 patchbay_channel_core::now_ms(),
                 Some(&entry.record),
             );
-            self.store.put_channel(rec, Upsert::Replace).await.map_err(conflict)?;
-        } else if let Some(e) = enabled {
+            // The edit leaves `enabled` to the store, so it cannot undo a concurrent toggle.
+            self.store.put_channel(rec, Upsert::Edit).await.map_err(conflict)?;
+        }
+        if let Some(e) = enabled {
             self.store.set_channel_enabled(id, e).await?;
         }
         self.reload().await?;
@@ -653,7 +655,7 @@ impl Registry {
         let mut rec = entry.record.clone();
         rec.hook_id = HookId::generate().to_string();
         rec.updated_at = patchbay_channel_core::now_ms();
-        self.store.put_channel(rec, Upsert::Replace).await.map_err(conflict)?;
+        self.store.put_channel(rec, Upsert::RotateHook).await.map_err(conflict)?;
         self.reload().await?;
         self.channel(id)
     }
@@ -699,7 +701,7 @@ impl Registry {
         })?;
         let id = a.id.clone();
         let rec = self.assistant_record(a, Source::Api, patchbay_channel_core::now_ms(), None);
-        self.store.put_assistant(rec).await?;
+        self.store.insert_assistant(rec).await.map_err(conflict)?;
         self.reload().await?;
         Ok((self.assistant(&id)?, generated))
     }

@@ -836,3 +836,112 @@ async fn health_readiness_metrics_openapi_and_docs() {
     assert!(body.to_lowercase().contains("<html") && body.contains("/api/v1/openapi.json"), "{body}");
     receiver.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_of_one_id_make_one_channel_or_assistant() {
+    let pb = Patchbay::start(&base_config(""));
+    for round in 0..5 {
+        let id = format!("race-{round}");
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let (url, token, id) = (pb.url.clone(), pb.token.clone(), id.clone());
+                tokio::spawn(async move {
+                    let r = http()
+                        .post(format!("{url}/api/v1/channels"))
+                        .bearer_auth(token)
+                        .json(&json!({"id": id, "kind": "loopback", "assistant": "echo",
+                            "settings": {"deliver_url": format!("http://127.0.0.1:9/{i}")}}))
+                        .send()
+                        .await
+                        .unwrap();
+                    let s = r.status().as_u16();
+                    (s, r.json::<Value>().await.unwrap_or_default())
+                })
+            })
+            .collect();
+        let mut created = Vec::new();
+        for t in tasks {
+            let (s, v) = t.await.unwrap();
+            match s {
+                201 => created.push(v),
+                409 => assert_error("a concurrent duplicate", (s, &v), 409, Some("conflict"), None),
+                _ => panic!("unexpected answer {s}: {v}"),
+            }
+        }
+        assert_eq!(created.len(), 1, "round {round}: {} creates of `{id}` answered 201: {created:?}", created.len());
+        // The one that answered 201 is the one that exists, with its callback URL.
+        let (_, now) = pb.admin("GET", &format!("/api/v1/channels/{id}"), None).await;
+        assert_eq!(now["settings"], created[0]["settings"], "{now}");
+        assert_eq!(now["callback_url"], created[0]["callback_url"], "{now}");
+    }
+
+    // Assistants likewise: one creator gets the id and its generated key, and the key works.
+    for round in 0..5 {
+        let id = format!("bot-{round}");
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (url, token, id) = (pb.url.clone(), pb.token.clone(), id.clone());
+                tokio::spawn(async move {
+                    let r = http()
+                        .post(format!("{url}/api/v1/assistants"))
+                        .bearer_auth(token)
+                        .json(&json!({"id": id, "backend": "echo"}))
+                        .send()
+                        .await
+                        .unwrap();
+                    let s = r.status().as_u16();
+                    (s, r.json::<Value>().await.unwrap_or_default())
+                })
+            })
+            .collect();
+        let mut keys = Vec::new();
+        for t in tasks {
+            let (s, v) = t.await.unwrap();
+            match s {
+                201 => keys.push(v["api_key"].as_str().unwrap().to_owned()),
+                409 => assert_error("a concurrent duplicate assistant", (s, &v), 409, Some("conflict"), None),
+                _ => panic!("unexpected answer {s}: {v}"),
+            }
+        }
+        assert_eq!(keys.len(), 1, "round {round}: {} creates of assistant `{id}` answered 201", keys.len());
+        let (s, v) = pb
+            .call("POST", "/api/v1/conversations/nope/replies", Some(json!({"replies": [{"text": "x"}]})), Some(&keys[0]))
+            .await;
+        assert_error("the key of the assistant that was created", (s, &v), 404, Some("not_found"), None);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settings_change_never_undoes_a_concurrent_disable_or_rotation() {
+    let pb = Patchbay::start(&base_config(""));
+    let (s, v) = pb.admin("POST", "/api/v1/channels", Some(json!({"id": "busy", "kind": "loopback", "assistant": "echo", "enabled": true}))).await;
+    assert_eq!(s, 201, "{v}");
+    let patch = |body: Value| {
+        let (url, token) = (pb.url.clone(), pb.token.clone());
+        tokio::spawn(async move {
+            let r = http().patch(format!("{url}/api/v1/channels/busy")).bearer_auth(token).json(&body).send().await.unwrap();
+            r.status().as_u16()
+        })
+    };
+    for round in 0..40u64 {
+        assert_eq!(pb.admin("PATCH", "/api/v1/channels/busy", Some(json!({"enabled": true}))).await.0, 200);
+        let edits: Vec<_> = (0..3).map(|i| patch(json!({"settings": {"wait_timeout_ms": 1000 + round * 10 + i}}))).collect();
+        let rotate = {
+            let (url, token) = (pb.url.clone(), pb.token.clone());
+            tokio::spawn(async move {
+                let r = http().post(format!("{url}/api/v1/channels/busy/rotate-hook")).bearer_auth(token).send().await.unwrap();
+                assert_eq!(r.status().as_u16(), 200);
+                r.json::<Value>().await.unwrap()["callback_url"].as_str().unwrap().to_owned()
+            })
+        };
+        let off = patch(json!({"enabled": false}));
+        assert_eq!(off.await.unwrap(), 200);
+        for e in edits {
+            assert_eq!(e.await.unwrap(), 200);
+        }
+        let rotated = rotate.await.unwrap();
+        let (_, v) = pb.admin("GET", "/api/v1/channels/busy", None).await;
+        assert_eq!(v["enabled"], false, "round {round}: a concurrent edit re-enabled a channel the admin disabled: {v}");
+        assert_eq!(v["callback_url"], rotated.as_str(), "round {round}: a concurrent edit undid the hook rotation: {v}");
+    }
+}

@@ -76,7 +76,9 @@ fn config_check_names_the_wrong_key() {
     assert!(out.status.success(), "an empty config: {}", stderr(&out));
 
     let channel = |extra: &str| format!("{ECHO}[channels.x]\nkind = \"loopback\"\nassistant = \"echo\"\n{extra}\n");
-    let cases: Vec<(&str, String, Vec<&str>, &[(&str, &str)])> = vec![
+    /// What, the config, what the message must name, and the environment.
+    type Case<'a> = (&'a str, String, Vec<&'a str>, &'a [(&'a str, &'a str)]);
+    let cases: Vec<Case> = vec![
         ("unknown key in [pipeline]", "[pipeline]\nlease_sec = 3\n".into(), vec!["pipeline.lease_sec"], &[]),
         ("unknown section", "[servre]\nbind = \"127.0.0.1:1\"\n".into(), vec!["servre"], &[]),
         ("mistyped value", "[server]\nworkers = \"many\"\n".into(), vec!["server.workers"], &[]),

@@ -88,8 +88,16 @@ pub struct ChannelRecord {
 /// How a channel upsert treats what is already stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Upsert {
-    /// Replace everything (admin API edits).
-    Replace,
+    /// Create only: `Conflict` when the id (or the hook id) is taken, so two concurrent
+    /// creates of one id cannot both succeed.
+    Insert,
+    /// An admin edit of an existing channel: kind, assistant, settings and secrets. It never
+    /// writes `enabled` (only [`Store::set_channel_enabled`] does) nor `hook_id`, so an edit
+    /// made from a stale snapshot cannot undo a concurrent toggle or hook rotation.
+    /// `Conflict` when the channel is gone.
+    Edit,
+    /// A new hook id for an existing channel, and nothing else.
+    RotateHook,
     /// A config channel at start: keep the stored `enabled` and `hook_id` (the store is the
     /// truth for both once the channel exists), refresh the rest.
     KeepStateFromStore,
@@ -207,6 +215,8 @@ pub trait Store: Send + Sync + 'static {
     async fn registry_version(&self) -> StoreResult<i64>;
     async fn load_registry(&self) -> StoreResult<(i64, Vec<AssistantRecord>, Vec<ChannelRecord>)>;
     async fn put_assistant(&self, rec: AssistantRecord) -> StoreResult<()>;
+    /// Create only: `Conflict` when an assistant with this id exists.
+    async fn insert_assistant(&self, rec: AssistantRecord) -> StoreResult<()>;
     async fn delete_assistant(&self, id: &str) -> StoreResult<bool>;
     /// Inserts or updates; answers the record as stored.
     async fn put_channel(&self, rec: ChannelRecord, mode: Upsert) -> StoreResult<ChannelRecord>;

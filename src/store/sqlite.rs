@@ -391,6 +391,33 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn insert_assistant(&self, a: AssistantRecord) -> StoreResult<()> {
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO assistants (id, backend, settings, sealed_secrets, api_key_hash, source, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    a.id,
+                    a.backend,
+                    a.settings.to_string(),
+                    a.sealed_secrets,
+                    a.api_key_hash,
+                    a.source.as_str(),
+                    a.created_at,
+                    a.updated_at
+                ],
+            )
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                    StoreError::Conflict(format!("an assistant `{}` already exists", a.id))
+                }
+                e => db(e),
+            })?;
+            bump_registry(c)
+        })
+        .await
+    }
+
     async fn delete_assistant(&self, id: &str) -> StoreResult<bool> {
         let id = id.to_owned();
         self.run(move |c| {
@@ -411,13 +438,21 @@ impl Store for SqliteStore {
 
     async fn put_channel(&self, ch: ChannelRecord, mode: Upsert) -> StoreResult<ChannelRecord> {
         self.run(move |c| {
+            // Every statement is bound to the same ten parameters (numbered, so a statement may
+            // leave some unused); each mode writes only its own columns.
             let sql = match mode {
-                Upsert::Replace => {
+                Upsert::Insert => {
                     "INSERT INTO channels (id, kind, assistant, enabled, hook_id, settings, sealed_secrets, source, created_at, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-                     ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, assistant = excluded.assistant,
-                       enabled = excluded.enabled, hook_id = excluded.hook_id, settings = excluded.settings,
-                       sealed_secrets = excluded.sealed_secrets, source = excluded.source, updated_at = excluded.updated_at"
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+                }
+                Upsert::Edit => {
+                    "UPDATE channels SET kind = ?2, assistant = ?3, settings = ?6, sealed_secrets = ?7, source = ?8,
+                       updated_at = ?10
+                     WHERE id = ?1"
+                }
+                Upsert::RotateHook => {
+                    "UPDATE channels SET hook_id = ?5, updated_at = ?10
+                     WHERE id = ?1"
                 }
                 Upsert::KeepStateFromStore => {
                     "INSERT INTO channels (id, kind, assistant, enabled, hook_id, settings, sealed_secrets, source, created_at, updated_at)
@@ -430,27 +465,35 @@ impl Store for SqliteStore {
                          THEN channels.updated_at ELSE excluded.updated_at END"
                 }
             };
-            c.execute(
-                sql,
-                params![
-                    ch.id,
-                    ch.kind,
-                    ch.assistant,
-                    ch.enabled,
-                    ch.hook_id,
-                    ch.settings.to_string(),
-                    ch.sealed_secrets,
-                    ch.source.as_str(),
-                    ch.created_at,
-                    ch.updated_at
-                ],
-            )
-            .map_err(|e| match e {
-                rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
-                    StoreError::Conflict("another channel already uses this hook_id".into())
-                }
-                e => db(e),
-            })?;
+            let n = c
+                .execute(
+                    sql,
+                    params![
+                        ch.id,
+                        ch.kind,
+                        ch.assistant,
+                        ch.enabled,
+                        ch.hook_id,
+                        ch.settings.to_string(),
+                        ch.sealed_secrets,
+                        ch.source.as_str(),
+                        ch.created_at,
+                        ch.updated_at
+                    ],
+                )
+                .map_err(|e| match e {
+                    rusqlite::Error::SqliteFailure(f, m) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                        if m.as_deref().is_some_and(|m| m.contains("channels.id")) {
+                            StoreError::Conflict(format!("a channel `{}` already exists", ch.id))
+                        } else {
+                            StoreError::Conflict("another channel already uses this hook_id".into())
+                        }
+                    }
+                    e => db(e),
+                })?;
+            if n == 0 {
+                return Err(StoreError::Conflict(format!("channel `{}` was deleted meanwhile", ch.id)));
+            }
             bump_registry(c)?;
             c.query_row(
                 &format!("SELECT {CHANNEL_COLUMNS} FROM channels WHERE id = ?1"),
