@@ -141,6 +141,10 @@ pub async fn json_body<T: DeserializeOwned>(body: web::Payload, state: &AppState
     let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_json", format!("the body is not valid JSON: {e}")).error_response()
     })?;
+    // serde would read a JSON array positionally into a struct; the API speaks objects only.
+    if !value.is_object() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_json", "the body must be a JSON object").error_response());
+    }
     patchbay_channel_core::parse_settings::<T>(&value).map_err(|e| {
         let field = if e.field.is_empty() { None } else { Some(e.field) };
         let mut err = ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.message);
