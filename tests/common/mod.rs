@@ -2,6 +2,8 @@
 //! receiver that plays the platform a loopback channel delivers to.
 #![allow(dead_code)]
 
+pub mod fake_mattermost;
+
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use serde_json::Value;
 use std::collections::VecDeque;
