@@ -147,10 +147,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken
     let _ = supervisor.await;
     let _ = follower.await;
     // 3. Let the pipeline finish what it holds, within the grace period.
-    pipeline.shutdown(grace).await;
-    for t in pipeline_tasks {
-        let _ = t.await;
-    }
+    pipeline.shutdown(grace, pipeline_tasks).await;
     // 4. Flush the store.
     store.close().await;
     tracing::info!("stopped");

@@ -57,6 +57,9 @@ fn reconcile(snap: &Snapshot, running: &mut HashMap<String, Running>, inbox: &Ar
         let Some(instance) = entry.instance.clone() else { continue };
         let Some(connector) = instance.connector() else { continue };
         tracing::info!(channel = %id, "starting connector");
+        // Until the new connector reports otherwise, the channel is connecting: the status a
+        // previous connector left (say `connected`, before the channel was disabled) is stale.
+        entry.status.connecting();
         let stop = CancellationToken::new();
         let ctx = ConnectorCtx {
             channel_id: ChannelId::from_trusted(id.clone()),

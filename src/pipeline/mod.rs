@@ -161,15 +161,28 @@ impl Pipeline {
     }
 
     /// Stops claiming new work and waits up to `grace` for in-flight work; what is not done
-    /// stays leased in the store and is taken up again when the lease expires.
-    pub async fn shutdown(&self, grace: Duration) {
+    /// stays leased in the store and is taken up again when the lease expires. `tasks` are
+    /// the handles [`Pipeline::start`] answered.
+    pub async fn shutdown(&self, grace: Duration, tasks: Vec<tokio::task::JoinHandle<()>>) {
         self.stop.cancel();
         let total = self.settings.concurrency as u32;
+        let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
         let wait_all = async {
+            // First the claim loops: each hands every row it has claimed to a worker before
+            // it returns. Waiting for the slots alone would race with them: a row claimed
+            // just before the stop would start after the store is closed, its outcome never
+            // recorded (a repeat, and a wait for its lease, at the next start).
+            for t in tasks {
+                let _ = t.await;
+            }
             let _a = self.dispatch_slots.acquire_many(total).await;
             let _b = self.send_slots.acquire_many(total).await;
         };
         if tokio::time::timeout(grace, wait_all).await.is_err() {
+            // No new work may start once the store closes.
+            for a in aborts {
+                a.abort();
+            }
             tracing::warn!("shutdown grace elapsed with work in flight; it resumes at the next start");
         }
     }
