@@ -152,7 +152,14 @@ impl IncomingWebhook {
 
     pub async fn check(&self, settings: &Settings) -> CheckReport {
         let mut r = CheckReport::default();
-        r.step("outgoing_token", true, "set, shaped like a Mattermost token");
+        match &settings.outgoing_token {
+            Some(_) => r.step("outgoing_token", true, "set, shaped like a Mattermost token"),
+            None => r.step(
+                "outgoing_token",
+                false,
+                "not set: every call is refused until the outgoing webhook's token is pasted into patchbay",
+            ),
+        }
         match (&self.url, settings.reply_mode) {
             (None, _) => r.step(
                 "reply_mode",

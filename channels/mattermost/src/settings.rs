@@ -56,7 +56,9 @@ fn default_send_timeout_ms() -> u64 {
 
 #[derive(Clone, Debug)]
 pub struct Settings {
-    pub outgoing_token: Secret,
+    /// `None` until the admin pastes the outgoing webhook's token: the channel is created
+    /// first, because Mattermost asks for the callback URL before it shows the token.
+    pub outgoing_token: Option<Secret>,
     pub incoming_webhook_url: Option<reqwest::Url>,
     pub reply_mode: ReplyMode,
     pub reply_in_thread: bool,
@@ -75,18 +77,14 @@ impl Settings {
                 "websocket mode is not available in this build yet; use mode = \"webhook\"",
             ));
         }
-        let outgoing_token = raw.outgoing_token.ok_or_else(|| {
-            SettingsError::new(
-                "outgoing_token",
-                "is required: copy the Token Mattermost shows for the outgoing webhook",
-            )
-        })?;
-        let t = outgoing_token.expose();
-        if t.len() != 26 || !t.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()) {
-            return Err(SettingsError::new(
-                "outgoing_token",
-                "does not look like a Mattermost token (26 lowercase letters and digits); copy it from the outgoing webhook's page",
-            ));
+        if let Some(token) = &raw.outgoing_token {
+            let t = token.expose();
+            if t.len() != 26 || !t.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()) {
+                return Err(SettingsError::new(
+                    "outgoing_token",
+                    "does not look like a Mattermost token (26 lowercase letters and digits); copy it from the outgoing webhook's page",
+                ));
+            }
         }
         let incoming_webhook_url = match raw.incoming_webhook_url {
             None => None,
@@ -135,7 +133,7 @@ impl Settings {
             return Err(SettingsError::new("send_timeout_ms", "must be between 1 and 120000"));
         }
         Ok(Settings {
-            outgoing_token,
+            outgoing_token: raw.outgoing_token,
             incoming_webhook_url,
             reply_mode,
             reply_in_thread: raw.reply_in_thread,
@@ -164,8 +162,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let e = Settings::parse(&json!({})).unwrap_err();
-        assert_eq!(e.field, "outgoing_token");
+        assert!(Settings::parse(&json!({})).unwrap().outgoing_token.is_none());
         let e = Settings::parse(&json!({"outgoing_token": "short"})).unwrap_err();
         assert_eq!(e.field, "outgoing_token");
         assert!(!e.message.contains("short"), "the secret must not be echoed");

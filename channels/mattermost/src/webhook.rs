@@ -175,8 +175,16 @@ pub async fn handle(settings: &Settings, ctx: HookCtx, req: HttpRequest, body: w
     let parsed = parse(content_type, &bytes);
     // The token first, in constant time: nothing about an unauthenticated request is
     // reported beyond "wrong token", not even which field failed to parse.
+    let Some(expected) = &settings.outgoing_token else {
+        return error_response(
+            StatusCode::UNAUTHORIZED,
+            "no_token_configured",
+            "this channel has no outgoing_token yet: paste the outgoing webhook's token into patchbay",
+            Some("token"),
+        );
+    };
     let token = parsed.as_ref().map(|(p, _)| p.token.as_str()).unwrap_or("");
-    if !settings.outgoing_token.matches(token) {
+    if !expected.matches(token) {
         return error_response(
             StatusCode::UNAUTHORIZED,
             "bad_token",
