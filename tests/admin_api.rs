@@ -205,7 +205,9 @@ async fn bad_input_on_channels_names_the_field() {
     }
     let (s, _, v) = raw(&pb, "POST", "/api/v1/channels", Some(b"[1, 2]".to_vec()), Some(&auth)).await;
     assert_eq!(s, 400, "a JSON array is not a channel: {v}");
-    assert_eq!(v["error"]["code"], "invalid", "{v}");
+    assert_eq!(v["error"]["code"], "bad_json", "{v}");
+    let (s, _, v) = raw(&pb, "POST", "/api/v1/channels", Some(br#"["x", "loopback", "echo"]"#.to_vec()), Some(&auth)).await;
+    assert_eq!(s, 400, "an array must not be read positionally into a channel: {v}");
 
     let cases: Vec<(&str, Value, &str)> = vec![
         ("unknown top-level field", ok(json!({"colour": "red"})), "colour"),
