@@ -110,6 +110,16 @@ async fn answer(p: &Pipeline, item: &InboxItem) -> Result<(Inbound, Vec<Reply>),
         )
         .to_string(),
     };
+    let typing = channel.instance.clone().and_then(|instance| {
+        let every = instance.typing_interval()?;
+        let inbound = inbound.clone();
+        Some(tokio::spawn(async move {
+            loop {
+                instance.typing(&inbound).await;
+                tokio::time::sleep(every).await;
+            }
+        }))
+    });
     let started = Instant::now();
     // A stream that never ends must not hold the lease forever.
     let budget = p.settings.lease.mul_f64(0.8);
@@ -125,6 +135,9 @@ async fn answer(p: &Pipeline, item: &InboxItem) -> Result<(Inbound, Vec<Reply>),
         Ok::<_, AssistantError>(replies)
     })
     .await;
+    if let Some(t) = typing {
+        t.abort();
+    }
     p.metrics
         .channel(&item.channel_id)
         .assistant_latency

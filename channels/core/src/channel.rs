@@ -1,7 +1,7 @@
 //! The traits a channel kind implements.
 
 use crate::ids::{ChannelId, HookId};
-use crate::message::{Inbox, OutboundReply};
+use crate::message::{Inbound, Inbox, OutboundReply};
 use crate::settings::SettingsError;
 use crate::status::StatusHandle;
 use actix_web::{http::StatusCode, web, HttpRequest, HttpResponse};
@@ -126,6 +126,17 @@ pub trait Channel: Send + Sync + 'static {
 
     /// Asks the platform whether the credentials work, without posting anything.
     async fn check(&self) -> CheckReport;
+
+    /// How often to show a typing indicator while the assistant works on an answer, for
+    /// kinds whose platform has one (`None`: no indicator).
+    fn typing_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Shows that an answer to `inbound` is being written. Called when the assistant starts
+    /// and every `typing_interval` while it works; a failure is the kind's to log, never an
+    /// error of the message.
+    async fn typing(&self, _inbound: &Inbound) {}
 
     /// The long-lived part, if the kind has one; run by the supervisor while enabled.
     fn connector(&self) -> Option<Arc<dyn Connector>> {
