@@ -181,6 +181,7 @@ fn config_check(cfg: &Config) -> ExitCode {
         sealer,
         crate::server::http_client(),
         cfg.public_url(),
+        std::sync::Arc::new(patchbay_channel_core::MemoryLog::default()),
     );
     let mut errors = registry.check_config(cfg);
     for (key, raw) in [("security.admin_token", &cfg.security.admin_token), ("security.encryption_key", &cfg.security.encryption_key)] {
@@ -297,6 +298,21 @@ impl crate::store::Store for NullStore {
     }
     async fn dead_letter_delete(&self, _: i64) -> crate::store::StoreResult<bool> {
         Ok(false)
+    }
+    async fn log_append(&self, _: &str, _: &str, _: Option<String>, _: String, _: i64) -> crate::store::StoreResult<i64> {
+        Ok(0)
+    }
+    async fn log_read(
+        &self,
+        _: &str,
+        _: &str,
+        _: patchbay_channel_core::LogRange,
+        _: usize,
+    ) -> crate::store::StoreResult<Vec<patchbay_channel_core::LogEntry>> {
+        Ok(Vec::new())
+    }
+    async fn log_prune(&self, _: &str, _: i64) -> crate::store::StoreResult<u64> {
+        Ok(0)
     }
     async fn prune(&self, _: i64) -> crate::store::StoreResult<u64> {
         Ok(0)

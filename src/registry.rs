@@ -8,7 +8,8 @@ use crate::seal::Sealer;
 use crate::store::{AssistantRecord, ChannelRecord, Source, Store, StoreError, Upsert};
 use arc_swap::ArcSwap;
 use patchbay_channel_core::{
-    ids::valid_name, BuildEnv, Channel, ChannelId, ChannelKind, HookId, Secret, SettingsError, StatusHandle,
+    ids::valid_name, BuildEnv, Channel, ChannelId, ChannelKind, ConversationLog, HookId, Secret, SettingsError,
+    StatusHandle,
 };
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -98,6 +99,7 @@ pub struct Registry {
     sealer: Sealer,
     http: reqwest::Client,
     public_url: String,
+    log: Arc<dyn ConversationLog>,
     snapshot: ArcSwap<Snapshot>,
     feed: watch::Sender<Arc<Snapshot>>,
     statuses: Mutex<HashMap<String, StatusHandle>>,
@@ -149,6 +151,7 @@ impl Registry {
         sealer: Sealer,
         http: reqwest::Client,
         public_url: String,
+        log: Arc<dyn ConversationLog>,
     ) -> Arc<Registry> {
         let empty = Arc::new(Snapshot::default());
         let (feed, _) = watch::channel(empty.clone());
@@ -158,6 +161,7 @@ impl Registry {
             sealer,
             http,
             public_url,
+            log,
             snapshot: ArcSwap::new(empty),
             feed,
             statuses: Mutex::new(HashMap::new()),
@@ -219,6 +223,8 @@ impl Registry {
             hook_id: HookId::from_trusted(hook_id.to_owned()),
             callback_url: self.callback_url(kind, hook_id),
             http: self.http.clone(),
+            log: self.log.clone(),
+            signing_key: self.sealer.derive_key(&format!("channel:{id}")),
         }
     }
 

@@ -12,6 +12,8 @@ const NONCE_LEN: usize = 12;
 #[derive(Clone)]
 pub struct Sealer {
     cipher: Aes256Gcm,
+    /// Kept only to derive per-purpose keys ([`Sealer::derive_key`]); never leaves this type.
+    key: [u8; 32],
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +38,9 @@ impl Sealer {
             return Err(SealError::BadKey);
         }
         let cipher = Aes256Gcm::new_from_slice(&bytes).map_err(|_| SealError::BadKey)?;
-        Ok(Sealer { cipher })
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&bytes);
+        Ok(Sealer { cipher, key })
     }
 
     /// A new random key, as written to a fresh key file.
@@ -44,6 +48,16 @@ impl Sealer {
         let mut k = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut k);
         hex::encode(k)
+    }
+
+    /// A key for one purpose, HMAC-SHA256(encryption key, `context`), as 64 hex digits: the
+    /// same on every start and replica, different for every context, and never stored. A
+    /// channel's signing key is `derive_key("channel:<id>")`.
+    pub fn derive_key(&self, context: &str) -> Secret {
+        use hmac::{Hmac, Mac};
+        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(context.as_bytes());
+        Secret::new(hex::encode(mac.finalize().into_bytes()))
     }
 
     pub fn seal(&self, context: &str, plaintext: &[u8]) -> Vec<u8> {
@@ -83,6 +97,18 @@ mod tests {
         assert!(s.open("channel:b", &sealed).is_err());
         let other = Sealer::from_key(&Secret::new(Sealer::generate_key())).unwrap();
         assert!(other.open("channel:a", &sealed).is_err());
+    }
+
+    #[test]
+    fn derived_keys_are_stable_and_distinct() {
+        let key = Secret::new(Sealer::generate_key());
+        let a = Sealer::from_key(&key).unwrap();
+        let b = Sealer::from_key(&key).unwrap();
+        assert_eq!(a.derive_key("channel:web").expose(), b.derive_key("channel:web").expose());
+        assert_ne!(a.derive_key("channel:web").expose(), a.derive_key("channel:web2").expose());
+        assert_eq!(a.derive_key("channel:web").expose().len(), 64);
+        let other = Sealer::from_key(&Secret::new(Sealer::generate_key())).unwrap();
+        assert_ne!(a.derive_key("channel:web").expose(), other.derive_key("channel:web").expose());
     }
 
     #[test]

@@ -77,7 +77,8 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken
         cfg.public_url()
     };
     let http = http_client();
-    let registry = Registry::new(store.clone(), crate::kinds::all(), sealer, http, public_url.clone());
+    let log = Arc::new(crate::store::StoreLog(store.clone()));
+    let registry = Registry::new(store.clone(), crate::kinds::all(), sealer, http, public_url.clone(), log);
     registry.apply_config(&cfg).await?;
 
     let metrics = Arc::new(Metrics::default());

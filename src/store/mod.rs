@@ -13,7 +13,7 @@
 pub mod sqlite;
 
 use async_trait::async_trait;
-use patchbay_channel_core::Accepted;
+use patchbay_channel_core::{Accepted, LogEntry, LogRange};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -257,9 +257,58 @@ pub trait Store: Send + Sync + 'static {
     async fn dead_letter_retry(&self, id: i64) -> StoreResult<bool>;
     async fn dead_letter_delete(&self, id: i64) -> StoreResult<bool>;
 
+    // Conversation logs (what kinds keep through `ConversationLog`: web chat replay and history).
+    /// Appends an entry with the conversation's next sequence number and answers it; an entry
+    /// with the same `key` in the same conversation answers its number and stores nothing.
+    /// Numbers are never reused, even after pruning removed every entry.
+    async fn log_append(&self, channel: &str, conversation: &str, key: Option<String>, body: String, at: i64)
+        -> StoreResult<i64>;
+    async fn log_read(&self, channel: &str, conversation: &str, range: LogRange, limit: usize) -> StoreResult<Vec<LogEntry>>;
+    /// Removes a channel's entries appended before `before`.
+    async fn log_prune(&self, channel: &str, before: i64) -> StoreResult<u64>;
+
     // Housekeeping.
     async fn prune(&self, now: i64) -> StoreResult<u64>;
     async fn depths(&self) -> StoreResult<QueueDepths>;
     /// Finishes pending writes and makes the database compact and durable.
     async fn close(&self);
+}
+
+/// The store as the [`patchbay_channel_core::ConversationLog`] kinds get through `BuildEnv`.
+pub struct StoreLog(pub std::sync::Arc<dyn Store>);
+
+#[async_trait]
+impl patchbay_channel_core::ConversationLog for StoreLog {
+    async fn append(
+        &self,
+        channel: &patchbay_channel_core::ChannelId,
+        conversation: &str,
+        key: Option<&str>,
+        body: serde_json::Value,
+    ) -> Result<i64, patchbay_channel_core::LogError> {
+        self.0
+            .log_append(channel.as_str(), conversation, key.map(str::to_owned), body.to_string(), patchbay_channel_core::now_ms())
+            .await
+            .map_err(|e| patchbay_channel_core::LogError::Unavailable(e.to_string()))
+    }
+
+    async fn read(
+        &self,
+        channel: &patchbay_channel_core::ChannelId,
+        conversation: &str,
+        range: LogRange,
+        limit: usize,
+    ) -> Result<Vec<LogEntry>, patchbay_channel_core::LogError> {
+        self.0
+            .log_read(channel.as_str(), conversation, range, limit)
+            .await
+            .map_err(|e| patchbay_channel_core::LogError::Unavailable(e.to_string()))
+    }
+
+    async fn prune(&self, channel: &patchbay_channel_core::ChannelId, before: i64) -> Result<u64, patchbay_channel_core::LogError> {
+        self.0
+            .log_prune(channel.as_str(), before)
+            .await
+            .map_err(|e| patchbay_channel_core::LogError::Unavailable(e.to_string()))
+    }
 }

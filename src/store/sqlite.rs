@@ -66,6 +66,20 @@ const MIGRATIONS: &[&str] = &[
         failed_at INTEGER NOT NULL);
     CREATE INDEX dead_letters_channel ON dead_letters (channel_id, id);
     "#,
+    // 2: per-conversation message logs (web chat replay and history). The heads table keeps
+    // each conversation's last sequence number, so pruning never lets a number be reused.
+    r#"
+    CREATE TABLE conversation_log_heads (
+        channel_id TEXT NOT NULL, conversation TEXT NOT NULL, last_seq INTEGER NOT NULL,
+        PRIMARY KEY (channel_id, conversation)) WITHOUT ROWID;
+    CREATE TABLE conversation_log (
+        channel_id TEXT NOT NULL, conversation TEXT NOT NULL, seq INTEGER NOT NULL,
+        key TEXT, body TEXT NOT NULL, at INTEGER NOT NULL,
+        PRIMARY KEY (channel_id, conversation, seq)) WITHOUT ROWID;
+    CREATE UNIQUE INDEX conversation_log_key ON conversation_log (channel_id, conversation, key)
+        WHERE key IS NOT NULL;
+    CREATE INDEX conversation_log_age ON conversation_log (channel_id, at);
+    "#,
 ];
 
 pub struct SqliteStore {
@@ -768,6 +782,86 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn log_append(&self, channel: &str, conversation: &str, key: Option<String>, body: String, at: i64) -> StoreResult<i64> {
+        let (channel, conversation) = (channel.to_owned(), conversation.to_owned());
+        self.run(move |c| {
+            if let Some(k) = &key {
+                let existing: Option<i64> = c
+                    .prepare_cached("SELECT seq FROM conversation_log WHERE channel_id = ?1 AND conversation = ?2 AND key = ?3")
+                    .and_then(|mut s| s.query_row(params![channel, conversation, k], |r| r.get(0)).optional())
+                    .map_err(db)?;
+                if let Some(seq) = existing {
+                    return Ok(seq);
+                }
+            }
+            let seq: i64 = c
+                .prepare_cached(
+                    "INSERT INTO conversation_log_heads (channel_id, conversation, last_seq) VALUES (?1, ?2, 1)
+                     ON CONFLICT (channel_id, conversation) DO UPDATE SET last_seq = last_seq + 1
+                     RETURNING last_seq",
+                )
+                .and_then(|mut s| s.query_row(params![channel, conversation], |r| r.get(0)))
+                .map_err(db)?;
+            c.prepare_cached(
+                "INSERT INTO conversation_log (channel_id, conversation, seq, key, body, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .and_then(|mut s| s.execute(params![channel, conversation, seq, key, body, at]))
+            .map_err(db)?;
+            Ok(seq)
+        })
+        .await
+    }
+
+    async fn log_read(&self, channel: &str, conversation: &str, range: LogRange, limit: usize) -> StoreResult<Vec<LogEntry>> {
+        let (channel, conversation) = (channel.to_owned(), conversation.to_owned());
+        self.run(move |c| {
+            let row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<LogEntry> {
+                Ok(LogEntry {
+                    seq: r.get(0)?,
+                    at: r.get(1)?,
+                    body: serde_json::from_str(&r.get::<_, String>(2)?).unwrap_or_default(),
+                })
+            };
+            let mut rows = match range {
+                LogRange::After(after) => c
+                    .prepare_cached(
+                        "SELECT seq, at, body FROM conversation_log WHERE channel_id = ?1 AND conversation = ?2 AND seq > ?3
+                         ORDER BY seq LIMIT ?4",
+                    )
+                    .and_then(|mut s| s.query_map(params![channel, conversation, after, limit as i64], row)?.collect())
+                    .map_err(db)?,
+                LogRange::Before(before) => c
+                    .prepare_cached(
+                        "SELECT seq, at, body FROM conversation_log WHERE channel_id = ?1 AND conversation = ?2 AND seq < ?3
+                         ORDER BY seq DESC LIMIT ?4",
+                    )
+                    .and_then(|mut s| {
+                        s.query_map(params![channel, conversation, before.unwrap_or(i64::MAX), limit as i64], row)?
+                            .collect::<rusqlite::Result<Vec<_>>>()
+                    })
+                    .map(|mut v: Vec<LogEntry>| {
+                        v.reverse();
+                        v
+                    })
+                    .map_err(db)?,
+            };
+            rows.truncate(limit);
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn log_prune(&self, channel: &str, before: i64) -> StoreResult<u64> {
+        let channel = channel.to_owned();
+        self.run(move |c| {
+            let n = c
+                .execute("DELETE FROM conversation_log WHERE channel_id = ?1 AND at < ?2", params![channel, before])
+                .map_err(db)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
     async fn prune(&self, now: i64) -> StoreResult<u64> {
         self.run(move |c| {
             let n = c.execute("DELETE FROM dedupe WHERE expires_at < ?1", params![now]).map_err(db)?;
@@ -798,5 +892,45 @@ impl Store for SqliteStore {
         if sent {
             let _ = rx.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn conversation_log_numbers_dedupes_pages_and_prunes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path, SqliteSynchronous::Normal).unwrap();
+        for i in 1..=5i64 {
+            let seq = store.log_append("web", "u1", Some(format!("r{i}")), format!("{{\"n\":{i}}}"), i).await.unwrap();
+            assert_eq!(seq, i);
+        }
+        // A retried delivery of the same key is logged once, with its first number.
+        assert_eq!(store.log_append("web", "u1", Some("r2".into()), "{}".into(), 9).await.unwrap(), 2);
+        // Conversations and channels count separately.
+        assert_eq!(store.log_append("web", "u2", None, "{}".into(), 1).await.unwrap(), 1);
+        assert_eq!(store.log_append("web2", "u1", None, "{}".into(), 1).await.unwrap(), 1);
+        let seqs = |v: Vec<LogEntry>| v.iter().map(|e| e.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(store.log_read("web", "u1", LogRange::After(3), 10).await.unwrap()), vec![4, 5]);
+        assert_eq!(seqs(store.log_read("web", "u1", LogRange::After(0), 2).await.unwrap()), vec![1, 2]);
+        assert_eq!(seqs(store.log_read("web", "u1", LogRange::Before(None), 2).await.unwrap()), vec![4, 5]);
+        assert_eq!(seqs(store.log_read("web", "u1", LogRange::Before(Some(4)), 2).await.unwrap()), vec![2, 3]);
+        let first = store.log_read("web", "u1", LogRange::After(0), 1).await.unwrap();
+        assert_eq!(first[0].body, serde_json::json!({"n": 1}));
+        // Retention: the channel's entries before t=3 go (u1's first two, u2's only one);
+        // another channel's stay; numbers continue, never reused.
+        assert_eq!(store.log_prune("web", 3).await.unwrap(), 3);
+        assert_eq!(seqs(store.log_read("web", "u1", LogRange::After(0), 10).await.unwrap()), vec![3, 4, 5]);
+        assert_eq!(store.log_prune("web", i64::MAX).await.unwrap(), 3);
+        assert_eq!(store.log_read("web2", "u1", LogRange::After(0), 10).await.unwrap().len(), 1);
+        assert_eq!(store.log_append("web", "u1", None, "{}".into(), 10).await.unwrap(), 6);
+        store.close().await;
+        // The log survives a restart, and migration 2 is not applied twice.
+        let store = SqliteStore::open(&path, SqliteSynchronous::Normal).unwrap();
+        assert_eq!(store.log_append("web", "u1", None, "{}".into(), 11).await.unwrap(), 7);
+        store.close().await;
     }
 }

@@ -1,7 +1,9 @@
 //! The traits a channel kind implements.
 
 use crate::ids::{ChannelId, HookId};
+use crate::log::ConversationLog;
 use crate::message::{Inbound, Inbox, OutboundReply};
+use crate::secret::Secret;
 use crate::settings::SettingsError;
 use crate::status::StatusHandle;
 use actix_web::{http::StatusCode, web, HttpRequest, HttpResponse};
@@ -35,6 +37,13 @@ pub struct BuildEnv {
     pub callback_url: String,
     /// A shared HTTP client (rustls, connection pool) for kinds without proxy settings.
     pub http: reqwest::Client,
+    /// A durable per-conversation log (sequence-numbered, retention by the kind's choice),
+    /// for kinds that replay missed messages or serve history (web chat).
+    pub log: Arc<dyn ConversationLog>,
+    /// A key of this channel alone, for what the kind signs itself (web chat's user tokens):
+    /// 32 bytes as 64 hex digits, derived from the service's encryption key and the channel
+    /// id, so it is stable across restarts and replicas and never stored.
+    pub signing_key: Secret,
 }
 
 /// What a hook handler gets besides the request.
