@@ -43,6 +43,157 @@ struct Raw {
     inline_timeout_ms: u64,
     #[serde(default = "default_send_timeout_ms")]
     send_timeout_ms: u64,
+    // websocket mode
+    #[serde(default)]
+    server_url: Option<String>,
+    #[serde(default)]
+    access_token: Option<Secret>,
+    #[serde(default)]
+    teams: Option<Vec<String>>,
+    #[serde(default)]
+    channels: Option<Vec<String>>,
+    #[serde(default)]
+    respond_to: Option<RespondTo>,
+    #[serde(default)]
+    typing_indicator: Option<bool>,
+    #[serde(default)]
+    ping_interval_ms: Option<u64>,
+}
+
+/// Which posts in channels (not direct messages, which are always answered) reach the
+/// assistant in websocket mode.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RespondTo {
+    /// Posts that @mention the bot.
+    #[default]
+    Mentions,
+    /// Every post in the channels the bot is a member of.
+    All,
+}
+
+/// Settings of a channel in websocket mode: a bot account's personal access token, used on
+/// the WebSocket API (posts in) and the REST API (replies out).
+#[derive(Clone, Debug)]
+pub struct WsSettings {
+    /// `https://mm.example.com` (no trailing slash, no path beyond a subpath install).
+    pub server_url: reqwest::Url,
+    pub access_token: Secret,
+    /// Team ids or names whose channels are answered (empty: all teams).
+    pub teams: Vec<String>,
+    /// Channel ids or names answered (empty: every channel the bot is in).
+    pub channels: Vec<String>,
+    pub respond_to: RespondTo,
+    pub typing_indicator: bool,
+    /// How often the connector pings; a socket silent for two intervals is dead.
+    pub ping_interval: Duration,
+    pub send_timeout: Duration,
+}
+
+/// A Mattermost channel's settings in either mode.
+#[derive(Clone, Debug)]
+pub enum AnySettings {
+    Webhook(Settings),
+    Websocket(WsSettings),
+}
+
+/// Parses settings of either mode, refusing the other mode's fields by name.
+pub fn parse_any(value: &serde_json::Value) -> Result<AnySettings, SettingsError> {
+    let raw: Raw = parse_settings(value)?;
+    match raw.mode {
+        Mode::Webhook => {
+            let ws_fields = [
+                ("server_url", raw.server_url.is_some()),
+                ("access_token", raw.access_token.is_some()),
+                ("teams", raw.teams.is_some()),
+                ("channels", raw.channels.is_some()),
+                ("respond_to", raw.respond_to.is_some()),
+                ("typing_indicator", raw.typing_indicator.is_some()),
+                ("ping_interval_ms", raw.ping_interval_ms.is_some()),
+            ];
+            if let Some((field, _)) = ws_fields.iter().find(|(_, set)| *set) {
+                return Err(SettingsError::new(
+                    *field,
+                    "is a websocket-mode setting; set mode = \"websocket\" or remove it",
+                ));
+            }
+            Settings::from_raw(raw).map(AnySettings::Webhook)
+        }
+        Mode::Websocket => WsSettings::from_raw(raw).map(AnySettings::Websocket),
+    }
+}
+
+impl WsSettings {
+    fn from_raw(raw: Raw) -> Result<WsSettings, SettingsError> {
+        let webhook_fields = [
+            ("outgoing_token", raw.outgoing_token.is_some()),
+            ("incoming_webhook_url", raw.incoming_webhook_url.is_some()),
+            ("reply_mode", raw.reply_mode.is_some()),
+            ("reply_in_thread", raw.reply_in_thread),
+            ("username", raw.username.is_some()),
+            ("icon_url", raw.icon_url.is_some()),
+        ];
+        if let Some((field, _)) = webhook_fields.iter().find(|(_, set)| *set) {
+            return Err(SettingsError::new(
+                *field,
+                "is a webhook-mode setting; in websocket mode the bot posts as itself through the REST API",
+            ));
+        }
+        let server_url = raw.server_url.ok_or_else(|| {
+            SettingsError::new("server_url", "is required in websocket mode: the Mattermost server's address, like https://mm.example.com")
+        })?;
+        let mut url = reqwest::Url::parse(server_url.trim()).map_err(|_| {
+            SettingsError::new("server_url", "is not a URL; give the Mattermost server's address, like https://mm.example.com")
+        })?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(SettingsError::new("server_url", "must be an http(s) URL, like https://mm.example.com"));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(SettingsError::new("server_url", "must not have a query or fragment"));
+        }
+        if url.path().contains("/api/v4") {
+            return Err(SettingsError::new("server_url", "is the server's address, without /api/v4"));
+        }
+        let path = url.path().trim_end_matches('/').to_owned();
+        url.set_path(&path);
+        let access_token = raw.access_token.ok_or_else(|| {
+            SettingsError::new(
+                "access_token",
+                "is required in websocket mode: the bot account's personal access token (Integrations → Bot Accounts → Create New Token)",
+            )
+        })?;
+        let t = access_token.expose();
+        if t.len() != 26 || !t.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(SettingsError::new(
+                "access_token",
+                "does not look like a Mattermost personal access token (26 letters and digits); copy the token shown when it was created",
+            ));
+        }
+        let list = |field: &str, v: Option<Vec<String>>| -> Result<Vec<String>, SettingsError> {
+            let v = v.unwrap_or_default();
+            if let Some(i) = v.iter().position(|s| s.trim().is_empty()) {
+                return Err(SettingsError::new(format!("{field}[{i}]"), "must not be empty; give an id or a name"));
+            }
+            Ok(v.into_iter().map(|s| s.trim().trim_start_matches('~').to_owned()).collect())
+        };
+        let ping = raw.ping_interval_ms.unwrap_or(30_000);
+        if !(100..=300_000).contains(&ping) {
+            return Err(SettingsError::new("ping_interval_ms", "must be between 100 and 300000"));
+        }
+        if raw.send_timeout_ms == 0 || raw.send_timeout_ms > 120_000 {
+            return Err(SettingsError::new("send_timeout_ms", "must be between 1 and 120000"));
+        }
+        Ok(WsSettings {
+            server_url: url,
+            access_token,
+            teams: list("teams", raw.teams)?,
+            channels: list("channels", raw.channels)?,
+            respond_to: raw.respond_to.unwrap_or_default(),
+            typing_indicator: raw.typing_indicator.unwrap_or(true),
+            ping_interval: Duration::from_millis(ping),
+            send_timeout: Duration::from_millis(raw.send_timeout_ms),
+        })
+    }
 }
 
 fn default_inline_timeout_ms() -> u64 {
@@ -69,14 +220,15 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Webhook-mode settings; a websocket-mode value is refused (use [`parse_any`]).
     pub fn parse(value: &serde_json::Value) -> Result<Settings, SettingsError> {
-        let raw: Raw = parse_settings(value)?;
-        if raw.mode == Mode::Websocket {
-            return Err(SettingsError::new(
-                "mode",
-                "websocket mode is not available in this build yet; use mode = \"webhook\"",
-            ));
+        match parse_any(value)? {
+            AnySettings::Webhook(s) => Ok(s),
+            AnySettings::Websocket(_) => Err(SettingsError::new("mode", "expected webhook mode")),
         }
+    }
+
+    fn from_raw(raw: Raw) -> Result<Settings, SettingsError> {
         if let Some(token) = &raw.outgoing_token {
             let t = token.expose();
             if t.len() != 26 || !t.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()) {
@@ -174,5 +326,50 @@ mod tests {
         assert_eq!(e.field, "incoming_webhok_url");
         let e = Settings::parse(&json!({"outgoing_token": TOKEN, "inline_timeout_ms": 60000})).unwrap_err();
         assert_eq!(e.field, "inline_timeout_ms");
+        let e = Settings::parse(&json!({"outgoing_token": TOKEN, "server_url": "https://mm.example.com"})).unwrap_err();
+        assert_eq!(e.field, "server_url");
+    }
+
+    fn ws(extra: serde_json::Value) -> Result<WsSettings, SettingsError> {
+        let mut v = json!({"mode": "websocket", "server_url": "https://mm.example.com/", "access_token": TOKEN});
+        for (k, x) in extra.as_object().unwrap() {
+            if x.is_null() {
+                v.as_object_mut().unwrap().remove(k);
+            } else {
+                v[k] = x.clone();
+            }
+        }
+        match parse_any(&v)? {
+            AnySettings::Websocket(s) => Ok(s),
+            AnySettings::Webhook(_) => panic!("webhook mode"),
+        }
+    }
+
+    #[test]
+    fn websocket_defaults() {
+        let s = ws(json!({})).unwrap();
+        assert_eq!(s.server_url.as_str(), "https://mm.example.com/");
+        assert_eq!(s.respond_to, RespondTo::Mentions);
+        assert!(s.typing_indicator);
+        assert_eq!(s.ping_interval, Duration::from_secs(30));
+        let s = ws(json!({"server_url": "https://example.com/chat/", "respond_to": "all", "channels": ["~sales", "x"]})).unwrap();
+        assert_eq!(s.server_url.path(), "/chat");
+        assert_eq!(s.respond_to, RespondTo::All);
+        assert_eq!(s.channels, vec!["sales", "x"]);
+    }
+
+    #[test]
+    fn websocket_errors_name_the_field() {
+        assert_eq!(ws(json!({"server_url": null})).unwrap_err().field, "server_url");
+        assert_eq!(ws(json!({"server_url": "mm.example.com"})).unwrap_err().field, "server_url");
+        assert_eq!(ws(json!({"server_url": "https://mm.example.com/api/v4"})).unwrap_err().field, "server_url");
+        assert_eq!(ws(json!({"access_token": null})).unwrap_err().field, "access_token");
+        let e = ws(json!({"access_token": "not-a-token"})).unwrap_err();
+        assert_eq!(e.field, "access_token");
+        assert!(!e.message.contains("not-a-token"), "the secret must not be echoed");
+        assert_eq!(ws(json!({"respond_to": "everyone"})).unwrap_err().field, "respond_to");
+        assert_eq!(ws(json!({"channels": ["ok", " "]})).unwrap_err().field, "channels[1]");
+        assert_eq!(ws(json!({"outgoing_token": TOKEN})).unwrap_err().field, "outgoing_token");
+        assert_eq!(ws(json!({"ping_interval_ms": 5})).unwrap_err().field, "ping_interval_ms");
     }
 }
