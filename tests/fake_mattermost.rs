@@ -822,3 +822,211 @@ async fn scripted_faults_on_the_incoming_endpoint() {
     assert_eq!(reqs[0].headers.get("content-type"), Some("application/json"));
     assert!(reqs[8].fault.is_none());
 }
+
+// ---------------------------------------------------------------------------------------
+// REST for a bot (§3.6) and the WebSocket API (§3.1–3.5)
+// ---------------------------------------------------------------------------------------
+
+async fn rest(mm: &FakeMattermost, method: &str, path: &str, token: &str, body: Option<Value>) -> (u16, Value) {
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("{}/api/v4/{path}", mm.url());
+    let mut req = match method {
+        "GET" => client.get(url),
+        _ => client.post(url),
+    }
+    .bearer_auth(token);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// A fake with alice, the bot `helpdesk` (member of town-square) and its token.
+async fn with_bot() -> (FakeMattermost, String) {
+    let mm = FakeMattermost::start().await;
+    mm.add_user("alice");
+    mm.add_bot("helpdesk");
+    mm.join("helpdesk", "town-square");
+    mm.join("alice", "town-square");
+    let token = mm.create_token("helpdesk");
+    (mm, token)
+}
+
+#[test]
+fn websocket_accept_key_is_the_rfc_6455_example() {
+    assert_eq!(ws_accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+}
+
+#[tokio::test]
+async fn rest_needs_a_valid_token_and_a_revoked_one_is_401() {
+    let (mm, token) = with_bot().await;
+    let (s, me) = rest(&mm, "GET", "users/me", &token, None).await;
+    assert_eq!((s, me["username"].as_str(), me["is_bot"].as_bool()), (200, Some("helpdesk"), Some(true)));
+    let (s, e) = rest(&mm, "GET", "users/me", "wrongtokenwrongtokenwrongt", None).await;
+    assert_eq!((s, e["id"].as_str()), (401, Some("api.context.session_expired.app_error")));
+    mm.revoke_token(&token);
+    assert_eq!(rest(&mm, "GET", "users/me", &token, None).await.0, 401);
+}
+
+#[tokio::test]
+async fn bots_post_where_they_are_members_and_read_channels_since_and_after() {
+    let (mm, token) = with_bot().await;
+    let ts = mm.channel("town-square").id;
+    let off = mm.channel("off-topic").id;
+    let (s, chans) = rest(&mm, "GET", "users/me/channels", &token, None).await;
+    assert_eq!(s, 200);
+    assert_eq!(chans.as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect::<Vec<_>>(), [ts.as_str()]);
+
+    let (s, e) = rest(&mm, "POST", "posts", &token, Some(json!({"channel_id": off, "message": "hi"}))).await;
+    assert_eq!((s, e["id"].as_str()), (403, Some("api.context.permissions.app_error")));
+    let first = mm.user_posts("alice", "town-square", "one", None).await.post;
+    let (s, p) = rest(&mm, "POST", "posts", &token, Some(json!({"channel_id": ts, "message": "two", "root_id": first.id}))).await;
+    assert_eq!((s, p["root_id"].as_str(), p["props"]["from_bot"].as_str()), (201, Some(first.id.as_str()), Some("true")));
+    // A reply to a reply is refused, as CreatePost does.
+    let (s, e) = rest(&mm, "POST", "posts", &token, Some(json!({"channel_id": ts, "message": "x", "root_id": p["id"]}))).await;
+    assert_eq!((s, e["id"].as_str()), (400, Some("api.post.create_post.root_id.app_error")));
+    let third = mm.user_posts("alice", "town-square", "three", None).await.post;
+
+    let (_, after) = rest(&mm, "GET", &format!("channels/{ts}/posts?after={}", first.id), &token, None).await;
+    let order: Vec<&str> = after["order"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(order, [third.id.as_str(), p["id"].as_str().unwrap()], "newest first, the anchor excluded");
+    let (_, since) = rest(&mm, "GET", &format!("channels/{ts}/posts?since={}", third.create_at), &token, None).await;
+    assert_eq!(since["order"], json!([third.id]));
+    assert_eq!(since["posts"][&third.id]["message"], "three");
+
+    let (s, _) = rest(&mm, "POST", "users/me/typing", &token, Some(json!({"channel_id": ts, "parent_id": first.id}))).await;
+    assert_eq!(s, 200);
+    assert_eq!(mm.typing(), vec![(mm.user("helpdesk").id, ts.clone(), first.id.clone())]);
+    mm.script_rest(vec![503]);
+    assert_eq!(rest(&mm, "GET", "users/me", &token, None).await.0, 503);
+    assert_eq!(rest(&mm, "GET", "users/me", &token, None).await.0, 200);
+}
+
+const WS: &str = "/api/v4/websocket";
+
+#[tokio::test]
+async fn header_auth_gets_hello_then_posted_events_with_seq() {
+    let (mm, token) = with_bot().await;
+    let bearer = format!("Bearer {token}");
+    let mut ws = WsClient::connect(&mm.url(), WS, &[("Authorization", &bearer)]).await.unwrap();
+    let (hello, raw) = ws.recv_json(T).await.unwrap();
+    assert_eq!((hello["event"].as_str(), hello["seq"].as_i64()), (Some("hello"), Some(0)));
+    assert!(is_valid_id(hello["data"]["connection_id"].as_str().unwrap()));
+    assert!(raw.ends_with("}\n") && !raw.contains("\": "), "json.Encoder: compact with a newline: {raw}");
+
+    mm.user_posts("alice", "town-square", "hello @helpdesk", None).await;
+    let (ev, raw) = ws.recv_json(T).await.unwrap();
+    assert_eq!((ev["event"].as_str(), ev["seq"].as_i64()), (Some("posted"), Some(1)));
+    assert!(raw.starts_with("{\"event\": \"posted\", \"data\": "), "precomputed spacing: {raw}");
+    let post: Value = serde_json::from_str(ev["data"]["post"].as_str().expect("post is a JSON string")).unwrap();
+    assert_eq!(post["message"], "hello @helpdesk");
+    assert_eq!(ev["data"]["mentions"].as_str(), Some(format!("[\"{}\"]", mm.user("helpdesk").id).as_str()));
+    assert_eq!((ev["data"]["channel_type"].as_str(), ev["data"]["sender_name"].as_str()), (Some("O"), Some("@alice")));
+    // Not a member: nothing from off-topic.
+    mm.user_posts("alice", "off-topic", "elsewhere", None).await;
+    ws.send_json(&json!({"seq": 2, "action": "ping"})).await;
+    let (pong, _) = ws.recv_json(T).await.unwrap();
+    assert_eq!((pong["status"].as_str(), pong["seq_reply"].as_i64(), pong["data"]["text"].as_str()), (Some("OK"), Some(2), Some("pong")));
+    assert!(pong.get("seq").is_none(), "replies carry no seq");
+    ws.send_json(&json!({"seq": 0, "action": "ping"})).await;
+    let (fail, _) = ws.recv_json(T).await.unwrap();
+    assert_eq!((fail["status"].as_str(), fail["error"]["id"].as_str()), (Some("FAIL"), Some("api.web_socket_router.bad_seq.app_error")));
+    assert!(fail.get("seq_reply").is_none());
+
+    // A bad token is refused before the upgrade.
+    let err = WsClient::connect(&mm.url(), WS, &[("Authorization", "Bearer wrongtokenwrongtokenwrongt")]).await.err().unwrap();
+    assert_eq!(err.0, 401);
+    assert!(err.1.contains("api.context.session_expired.app_error"), "{}", err.1);
+}
+
+#[tokio::test]
+async fn the_challenge_is_answered_after_hello_and_a_bad_one_closes_the_socket() {
+    let (mm, token) = with_bot().await;
+    let mut ws = WsClient::connect(&mm.url(), WS, &[]).await.unwrap();
+    ws.send_json(&json!({"seq": 1, "action": "authentication_challenge", "data": {"token": token}})).await;
+    let (first, _) = ws.recv_json(T).await.unwrap();
+    let (second, _) = ws.recv_json(T).await.unwrap();
+    assert_eq!(first["event"], "hello", "hello comes before the OK reply");
+    assert_eq!((second["status"].as_str(), second["seq_reply"].as_i64()), (Some("OK"), Some(1)));
+
+    let mut bad = WsClient::connect(&mm.url(), WS, &[]).await.unwrap();
+    bad.send_json(&json!({"seq": 1, "action": "authentication_challenge", "data": {"token": "wrongtokenwrongtokenwrongt"}})).await;
+    assert!(bad.closed_within(T).await, "closed without a reply");
+
+    // Revoking the token closes its sockets.
+    mm.revoke_token(&token);
+    assert!(ws.closed_within(T).await);
+}
+
+#[tokio::test]
+async fn a_dropped_socket_resumes_with_the_missed_events_and_a_refused_resume_gets_a_new_hello() {
+    let (mm, token) = with_bot().await;
+    let bearer = format!("Bearer {token}");
+    let mut ws = WsClient::connect(&mm.url(), WS, &[("Authorization", &bearer)]).await.unwrap();
+    let (hello, _) = ws.recv_json(T).await.unwrap();
+    let cid = hello["data"]["connection_id"].as_str().unwrap().to_owned();
+    mm.user_posts("alice", "town-square", "one", None).await;
+    let (ev, _) = ws.recv_json(T).await.unwrap();
+    assert_eq!(ev["seq"], 1);
+
+    mm.ws_drop();
+    assert!(ws.closed_within(T).await);
+    mm.user_posts("alice", "town-square", "two", None).await;
+    mm.user_posts("alice", "town-square", "three", None).await;
+
+    // Resume from seq 1 (as if event 1 had been lost too): 1, 2, 3 in order, no hello.
+    let q = format!("{WS}?connection_id={cid}&sequence_number=1");
+    let mut ws = WsClient::connect(&mm.url(), &q, &[("Authorization", &bearer)]).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let (ev, _) = ws.recv_json(T).await.unwrap();
+        let post: Value = serde_json::from_str(ev["data"]["post"].as_str().unwrap()).unwrap();
+        got.push((ev["seq"].as_i64().unwrap(), post["message"].as_str().unwrap().to_owned()));
+    }
+    assert_eq!(got, [(1, "one".into()), (2, "two".into()), (3, "three".into())]);
+    assert_eq!(mm.ws_connects().last().unwrap().resumed, Some(true));
+
+    // Refused: a new connection id, seq back to 0.
+    mm.ws_drop();
+    assert!(ws.closed_within(T).await);
+    mm.ws_refuse_resume(true);
+    let q = format!("{WS}?connection_id={cid}&sequence_number=4");
+    let mut ws = WsClient::connect(&mm.url(), &q, &[("Authorization", &bearer)]).await.unwrap();
+    let (hello, _) = ws.recv_json(T).await.unwrap();
+    assert_eq!((hello["event"].as_str(), hello["seq"].as_i64()), (Some("hello"), Some(0)));
+    assert_ne!(hello["data"]["connection_id"].as_str(), Some(cid.as_str()));
+
+    // A resume without header auth is never a resume.
+    mm.ws_refuse_resume(false);
+    let cid2 = hello["data"]["connection_id"].as_str().unwrap().to_owned();
+    mm.ws_drop();
+    let q = format!("{WS}?connection_id={cid2}&sequence_number=1");
+    let mut ws = WsClient::connect(&mm.url(), &q, &[]).await.unwrap();
+    ws.send_json(&json!({"seq": 1, "action": "authentication_challenge", "data": {"token": token}})).await;
+    let (hello, _) = ws.recv_json(T).await.unwrap();
+    assert_eq!(hello["event"], "hello");
+    assert_ne!(hello["data"]["connection_id"].as_str(), Some(cid2.as_str()));
+}
+
+#[tokio::test]
+async fn a_sequence_number_older_than_the_dead_queue_cannot_resume() {
+    let (mm, token) = with_bot().await;
+    let bearer = format!("Bearer {token}");
+    let mut ws = WsClient::connect(&mm.url(), WS, &[("Authorization", &bearer)]).await.unwrap();
+    let (hello, _) = ws.recv_json(T).await.unwrap();
+    let cid = hello["data"]["connection_id"].as_str().unwrap().to_owned();
+    for i in 0..130 {
+        mm.user_posts("alice", "town-square", &format!("m{i}"), None).await;
+    }
+    for _ in 0..130 {
+        ws.recv_json(T).await.unwrap();
+    }
+    mm.ws_drop();
+    // Events 1..=130 were sent; the dead queue keeps the last 128 (3..=130).
+    let q = format!("{WS}?connection_id={cid}&sequence_number=2");
+    let mut ws = WsClient::connect(&mm.url(), &q, &[("Authorization", &bearer)]).await.unwrap();
+    let (hello, _) = ws.recv_json(T).await.unwrap();
+    assert_eq!(hello["event"], "hello");
+}

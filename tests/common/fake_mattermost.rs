@@ -1076,6 +1076,8 @@ pub struct Settings {
     pub outgoing_timeout: Duration,
     /// `a.MaxPostSize()` (default `PostMessageMaxRunesV2` = 16383).
     pub max_post_size: usize,
+    /// How often the WebSocket server pings (`pingInterval`, 60 s on a real server).
+    pub ws_ping_interval: Duration,
 }
 
 impl Default for Settings {
@@ -1087,6 +1089,7 @@ impl Default for Settings {
             enable_post_icon_override: true,
             outgoing_timeout: DEFAULT_OUTGOING_TIMEOUT,
             max_post_size: POST_MESSAGE_MAX_RUNES_V2,
+            ws_ping_interval: Duration::from_secs(60),
         }
     }
 }
@@ -1346,6 +1349,14 @@ struct State {
     incoming: Vec<IncomingHookRec>,
     faults: VecDeque<Fault>,
     requests: Vec<IncomingRequest>,
+    /// Personal access tokens: token → user id.
+    tokens: HashMap<String, String>,
+    /// Every `/api/v4` REST request, in arrival order.
+    rest: Vec<RestRequest>,
+    /// Faults for the next `/api/v4` REST requests (not the WebSocket), consumed in order.
+    rest_faults: VecDeque<u16>,
+    /// `POST /api/v4/users/{id}/typing` and `user_typing` actions: (user id, channel id, parent id).
+    typing: Vec<(String, String, String)>,
 }
 
 /// A planned firing of one hook (`handleWebhookEvents`).
@@ -1426,7 +1437,9 @@ impl State {
             post.props.insert("from_bot".into(), "true".into());
         }
         post.id = new_id();
-        post.create_at = now_millis();
+        // Strictly increasing, so `after=` paging never loses a post created in the same
+        // millisecond as its anchor (a real server can; see the module doc).
+        post.create_at = now_millis().max(self.posts.last().map_or(0, |p| p.create_at + 1));
         self.posts.push(post.clone());
         Ok(post)
     }
@@ -1870,12 +1883,15 @@ pub fn split_webhook_post(post: &Post, max: usize) -> Result<Vec<Post>, AppError
 struct Shared {
     state: Mutex<State>,
     posted: tokio::sync::broadcast::Sender<Post>,
+    /// WebSocket sessions. Lock order: `state` before `ws`, never the other way.
+    ws: Mutex<WsHub>,
 }
 
 impl Shared {
     fn announce(&self, posts: &[Post]) {
         for p in posts {
             let _ = self.posted.send(p.clone());
+            self.ws_posted(p);
         }
     }
 }
@@ -1887,6 +1903,13 @@ struct ConnFd(i32);
 /// Every HTTP route of the fake. Add `/api/v4/...` and `/api/v4/websocket` here.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/hooks/{id}").route(web::post().to(incoming_webhook)).route(web::route().to(method_not_allowed)));
+    cfg.service(web::resource(["/api/v4/websocket", "/api/v4/websocket/"]).route(web::get().to(websocket)));
+    cfg.service(web::resource("/api/v4/users/{user_id}").route(web::get().to(rest_get_user)));
+    cfg.service(web::resource("/api/v4/users/{user_id}/teams").route(web::get().to(rest_user_teams)));
+    cfg.service(web::resource("/api/v4/users/{user_id}/channels").route(web::get().to(rest_user_channels)));
+    cfg.service(web::resource("/api/v4/users/{user_id}/typing").route(web::post().to(rest_typing)));
+    cfg.service(web::resource("/api/v4/channels/{channel_id}/posts").route(web::get().to(rest_channel_posts)));
+    cfg.service(web::resource("/api/v4/posts").route(web::post().to(rest_create_post)));
 }
 
 async fn method_not_allowed() -> HttpResponse {
@@ -2082,8 +2105,13 @@ impl FakeMattermost {
                 incoming: Vec::new(),
                 faults: VecDeque::new(),
                 requests: Vec::new(),
+                tokens: HashMap::new(),
+                rest: Vec::new(),
+                rest_faults: VecDeque::new(),
+                typing: Vec::new(),
             }),
             posted,
+            ws: Mutex::new(WsHub { allow_resume: true, ..Default::default() }),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind fake mattermost");
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -2692,5 +2720,1082 @@ impl Recorder {
 
     pub async fn stop(self) {
         self.handle.stop(false).await;
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// REST API for a bot account (§3.6) and the WebSocket API (§3.1–3.5)
+// ------------------------------------------------------------------------------------------
+//
+// REST: `Authorization: Bearer <token>` (or `Token <token>`) with a personal access token
+// from [`FakeMattermost::create_token`]; an unknown or revoked token is 401
+// `api.context.session_expired.app_error`. `me` works for `{user_id}`. Posts: members only
+// (403 `api.context.permissions.app_error`), `CreatePost`'s checks, 201 with the post.
+// Channel posts: `since=` (create_at ≥ since; the fake has no edits) or `after=` a post id,
+// `page`/`per_page` (default 60, max 200), as a `PostList` (`order` newest first).
+//
+// WebSocket, as `api4/websocket.go` + `platform/web_conn.go` + `web_hub.go`:
+// - Auth at the upgrade (`Authorization`, or `?access_token=`): a bad token is 401 before
+//   the upgrade. Without one the socket waits up to 5 s for `authentication_challenge`; a bad
+//   challenge closes the socket without a reply; the OK reply comes *after* `hello`.
+//   A challenge on an authenticated socket is ignored (no reply).
+// - `hello` (seq 0) is compact JSON plus `\n` (json.Encoder); `posted` events use the
+//   "precomputed" form with a space after the top-level `:`/`,`. Replies carry no `seq`.
+// - Sessions survive a disconnect: events meanwhile queue (up to 256; more and the session
+//   is dropped). `?connection_id=&sequence_number=` on an authenticated upgrade resumes: the
+//   last 128 sent events are the dead queue, replayed from `sequence_number`, then the queue;
+//   no `hello`. An unknown id, a sequence number outside the dead queue, or resumes refused
+//   by the test ([`FakeMattermost::ws_refuse_resume`]) give a new connection id and `hello`.
+// - `ping` action → `{"status":"OK","data":{"text":"pong",…},"seq_reply":N}`; protocol pings
+//   every `Settings::ws_ping_interval`; `user_typing` recorded; seq ≤ 0 → FAIL bad_seq.
+// - Revoking a token closes its sockets at once (a real server notices within its 5 s auth
+//   check).
+// Simplifications: one node; posts are never edited or deleted; `create_at` strictly
+// increases (a real server can give two posts the same millisecond); no inactive-session
+// reaping after 5 minutes (refuse resumes instead).
+
+const WS_DEAD_QUEUE: usize = 128;
+const WS_SEND_QUEUE: usize = 256;
+const WS_AUTH_WAIT: Duration = Duration::from_secs(5);
+
+/// One `/api/v4` REST request as the fake saw it.
+#[derive(Clone, Debug)]
+pub struct RestRequest {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub status: u16,
+    pub body: Value,
+}
+
+/// One WebSocket upgrade as the fake saw it.
+#[derive(Clone, Debug)]
+pub struct WsConnect {
+    pub query: String,
+    pub authorization: Option<String>,
+    /// 101, or the status the upgrade was refused with.
+    pub status: u16,
+    /// Set once the connection is registered: resumed (no hello) or a new connection id.
+    pub resumed: Option<bool>,
+}
+
+enum WsOut {
+    Text(String),
+    Ping,
+    Pong(Vec<u8>),
+    Close,
+}
+
+struct WsLive {
+    tx: tokio::sync::mpsc::UnboundedSender<WsOut>,
+    fd: Option<i32>,
+    gen: u64,
+}
+
+struct WsSession {
+    conn_id: String,
+    user_id: String,
+    token: String,
+    next_seq: i64,
+    dead: VecDeque<(i64, String)>,
+    pending: VecDeque<(String, Value, Value)>,
+    live: Option<WsLive>,
+}
+
+impl WsSession {
+    /// Sends an event with the next seq (write pump: `SetSequence`, dead queue).
+    fn emit(&mut self, event: &str, data: &Value, broadcast: &Value) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let frame = if event == "hello" {
+            format!(
+                "{{\"event\":\"hello\",\"data\":{},\"broadcast\":{},\"seq\":{seq}}}\n",
+                go_json_value(data),
+                broadcast_json(broadcast)
+            )
+        } else {
+            format!("{{\"event\": {}, \"data\": {}, \"broadcast\": {}, \"seq\": {seq}}}", json_str(event), go_json_value(data), broadcast_json(broadcast))
+        };
+        self.dead.push_back((seq, frame.clone()));
+        while self.dead.len() > WS_DEAD_QUEUE {
+            self.dead.pop_front();
+        }
+        if let Some(l) = &self.live {
+            let _ = l.tx.send(WsOut::Text(frame));
+        }
+    }
+
+    fn flush_pending(&mut self) {
+        while let Some((e, d, b)) = self.pending.pop_front() {
+            self.emit(&e, &d, &b);
+        }
+    }
+}
+
+fn json_str(s: &str) -> String {
+    let mut o = String::new();
+    go_json_string(&mut o, s);
+    o
+}
+
+/// `WebsocketBroadcast` in struct order.
+fn broadcast_json(b: &Value) -> String {
+    let s = |k: &str| json_str(b.get(k).and_then(Value::as_str).unwrap_or(""));
+    let omit = b.get("omit_users").filter(|v| !v.is_null()).map(go_json_value).unwrap_or_else(|| "null".into());
+    format!(
+        "{{\"omit_users\":{omit},\"user_id\":{},\"channel_id\":{},\"team_id\":{},\"connection_id\":\"\",\"omit_connection_id\":\"\"}}",
+        s("user_id"),
+        s("channel_id"),
+        s("team_id")
+    )
+}
+
+#[derive(Default)]
+struct WsHub {
+    sessions: Vec<WsSession>,
+    allow_resume: bool,
+    stalled: bool,
+    connects: Vec<WsConnect>,
+    next_gen: u64,
+}
+
+impl WsHub {
+    /// Registers a connection (`HubRegister`): resume when possible, else a new connection
+    /// id and `hello`. Answers whether it resumed.
+    fn register(&mut self, user_id: &str, token: &str, resume: Option<(String, i64)>, live: WsLive) -> bool {
+        if let Some((cid, seq)) = resume {
+            let found = self.sessions.iter().position(|s| s.conn_id == cid && s.user_id == user_id && s.live.is_none());
+            if let Some(i) = found {
+                let s = &mut self.sessions[i];
+                let oldest = s.dead.front().map_or(s.next_seq, |d| d.0);
+                if self.allow_resume && (seq == s.next_seq || (seq >= oldest && seq < s.next_seq)) {
+                    for (q, frame) in &s.dead {
+                        if *q >= seq {
+                            let _ = live.tx.send(WsOut::Text(frame.clone()));
+                        }
+                    }
+                    s.live = Some(live);
+                    s.token = token.to_owned();
+                    s.flush_pending();
+                    return true;
+                }
+                // clearDeadQueue: the old connection is gone.
+                self.sessions.remove(i);
+            }
+        }
+        let mut s = WsSession {
+            conn_id: new_id(),
+            user_id: user_id.to_owned(),
+            token: token.to_owned(),
+            next_seq: 0,
+            dead: VecDeque::new(),
+            pending: VecDeque::new(),
+            live: Some(live),
+        };
+        let data = serde_json::json!({"connection_id": s.conn_id, "server_version": VERSION_ID});
+        s.emit("hello", &data, &serde_json::json!({"user_id": user_id}));
+        self.sessions.push(s);
+        false
+    }
+
+    fn disconnected(&mut self, gen: u64) {
+        for s in &mut self.sessions {
+            if s.live.as_ref().is_some_and(|l| l.gen == gen) {
+                s.live = None;
+            }
+        }
+    }
+
+    fn live_sender(&self, gen: u64) -> Option<tokio::sync::mpsc::UnboundedSender<WsOut>> {
+        self.sessions.iter().filter_map(|s| s.live.as_ref()).find(|l| l.gen == gen).map(|l| l.tx.clone())
+    }
+}
+
+fn shutdown_fd(fd: Option<i32>) {
+    if let Some(fd) = fd {
+        // SAFETY: shutting a socket down does not close the fd, which actix still owns.
+        unsafe {
+            libc::shutdown(fd, libc::SHUT_RDWR);
+        }
+    }
+}
+
+/// Whether `text` @mentions `username` (whole name).
+fn mentions_user(text: &str, username: &str) -> bool {
+    let needle = format!("@{}", username.to_lowercase());
+    let lower = text.to_lowercase();
+    let name_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.';
+    lower.match_indices(&needle).any(|(i, _)| {
+        let after = lower[i + needle.len()..].chars().next();
+        let before = lower[..i].chars().next_back();
+        after.is_none_or(|c| !name_char(c) || (c == '.' && lower[i + needle.len() + 1..].chars().next().is_none_or(|d| !name_char(d))))
+            && before.is_none_or(|c| !name_char(c))
+    })
+}
+
+impl Shared {
+    /// `posted` to every session of every member of the post's channel (its author included).
+    fn ws_posted(&self, post: &Post) {
+        let receivers: Vec<(String, Value)> = {
+            let st = self.state.lock().unwrap();
+            let Some(ch) = st.channel(&post.channel_id).cloned() else { return };
+            let sender = st.user(&post.user_id).map(|u| u.username.clone()).unwrap_or_default();
+            let sender_name = post
+                .prop_str("override_username")
+                .filter(|_| post.from_webhook())
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("@{sender}"));
+            let display = if ch.kind == ChannelType::Direct { format!("@{sender}") } else { ch.name.clone() };
+            let post_json = serde_json::to_string(&post.to_api_json()).unwrap();
+            st.users
+                .iter()
+                .filter(|u| st.members.contains(&(ch.id.clone(), u.id.clone())))
+                .map(|u| {
+                    let mut data = serde_json::json!({
+                        "channel_display_name": display, "channel_name": ch.name, "channel_type": ch.kind.as_str(),
+                        "post": post_json, "sender_name": sender_name, "set_online": true, "team_id": ch.team_id,
+                    });
+                    let dm_to_me = ch.kind == ChannelType::Direct && u.id != post.user_id;
+                    if dm_to_me || (u.id != post.user_id && mentions_user(&post.message, &u.username)) {
+                        data["mentions"] = Value::String(format!("[\"{}\"]", u.id));
+                    }
+                    (u.id.clone(), data)
+                })
+                .collect()
+        };
+        let broadcast = serde_json::json!({"channel_id": post.channel_id});
+        let mut hub = self.ws.lock().unwrap();
+        let mut overflowed = Vec::new();
+        for (user, data) in receivers {
+            for s in hub.sessions.iter_mut().filter(|s| s.user_id == user) {
+                if s.live.is_some() {
+                    s.emit("posted", &data, &broadcast);
+                } else if s.pending.len() >= WS_SEND_QUEUE {
+                    overflowed.push(s.conn_id.clone());
+                } else {
+                    s.pending.push_back(("posted".into(), data.clone(), broadcast.clone()));
+                }
+            }
+        }
+        hub.sessions.retain(|s| !overflowed.contains(&s.conn_id));
+    }
+
+    fn user_for_token(&self, token: &str) -> Option<User> {
+        let st = self.state.lock().unwrap();
+        let id = st.tokens.get(token)?;
+        st.user(id).cloned()
+    }
+}
+
+/// The token of a request as `ParseAuthTokenFromRequest` finds it (header `Bearer`/`Token`,
+/// then `access_token` in the query).
+fn request_token(req: &HttpRequest) -> Option<String> {
+    if let Some(h) = req.headers().get("authorization").and_then(|v| v.to_str().ok()) {
+        let h = h.trim();
+        for prefix in ["bearer ", "token "] {
+            if h.len() > prefix.len() && h[..prefix.len()].eq_ignore_ascii_case(prefix) {
+                return Some(h[prefix.len()..].trim().to_owned());
+            }
+        }
+    }
+    web::Query::<HashMap<String, String>>::from_query(req.query_string())
+        .ok()
+        .and_then(|q| q.get("access_token").cloned())
+}
+
+fn session_expired() -> AppError {
+    AppError::new("api.context.session_expired.app_error", "Invalid or expired session, please login again.", 401)
+}
+
+fn no_permission() -> AppError {
+    AppError::new("api.context.permissions.app_error", "You do not have the appropriate permissions.", 403)
+}
+
+fn json_answer(status: u16, body: &Value) -> HttpResponse {
+    HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap())
+        .insert_header(("Content-Type", "application/json"))
+        .insert_header(("X-Request-Id", new_id()))
+        .insert_header(("X-Version-Id", VERSION_ID))
+        .body(serde_json::to_string(body).unwrap())
+}
+
+/// Authenticates a REST request (and applies a scripted fault), recording it.
+fn rest_begin(req: &HttpRequest, shared: &Shared, body: &Value) -> Result<User, HttpResponse> {
+    let record = |status: u16| {
+        shared.state.lock().unwrap().rest.push(RestRequest {
+            method: req.method().to_string(),
+            path: req.path().to_owned(),
+            query: req.query_string().to_owned(),
+            status,
+            body: body.clone(),
+        })
+    };
+    let fault = shared.state.lock().unwrap().rest_faults.pop_front();
+    if let Some(status) = fault {
+        record(status);
+        let e = app_error_for_status(status);
+        return Err(Answer::error(e, &new_id()).into_response());
+    }
+    match request_token(req).and_then(|t| shared.user_for_token(&t)) {
+        Some(u) => {
+            record(0);
+            Ok(u)
+        }
+        None => {
+            record(401);
+            Err(Answer::error(session_expired(), &new_id()).into_response())
+        }
+    }
+}
+
+fn finish(shared: &Shared, status: u16, body: &Value) -> HttpResponse {
+    if let Some(last) = shared.state.lock().unwrap().rest.last_mut() {
+        if last.status == 0 {
+            last.status = status;
+        }
+    }
+    json_answer(status, body)
+}
+
+fn fail(shared: &Shared, e: AppError) -> HttpResponse {
+    let status = e.status_code;
+    if let Some(last) = shared.state.lock().unwrap().rest.last_mut() {
+        if last.status == 0 {
+            last.status = status;
+        }
+    }
+    Answer::error(e, &new_id()).into_response()
+}
+
+/// `{user_id}` as the user itself (`me` or its own id); others need admin rights.
+fn path_user(req: &HttpRequest, me: &User) -> Result<(), AppError> {
+    let id = req.match_info().get("user_id").unwrap_or("");
+    if id == "me" || id == me.id || me.is_system_admin {
+        Ok(())
+    } else if !is_valid_id(id) {
+        Err(AppError::new("api.context.invalid_url_param.app_error", "Invalid or missing user_id parameter in request URL.", 400))
+    } else {
+        Err(no_permission())
+    }
+}
+
+fn user_json(u: &User) -> Value {
+    let roles = if u.is_system_admin { "system_user system_admin" } else { "system_user" };
+    serde_json::json!({"id": u.id, "create_at": 0, "update_at": 0, "delete_at": 0, "username": u.username,
+        "auth_service": "", "email": format!("{}@example.com", u.username), "nickname": "", "first_name": "",
+        "last_name": "", "position": "", "roles": roles, "locale": "en", "is_bot": u.is_bot})
+}
+
+fn channel_json(c: &Channel) -> Value {
+    serde_json::json!({"id": c.id, "create_at": 0, "update_at": 0, "delete_at": 0, "team_id": c.team_id,
+        "type": c.kind.as_str(), "display_name": c.name, "name": c.name, "header": "", "purpose": ""})
+}
+
+async fn rest_get_user(req: HttpRequest, shared: web::Data<Arc<Shared>>) -> HttpResponse {
+    let me = match rest_begin(&req, &shared, &Value::Null) {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let id = req.match_info().get("user_id").unwrap_or("");
+    let user = if id == "me" { Some(me) } else { shared.state.lock().unwrap().user(id).cloned() };
+    match user {
+        Some(u) => finish(&shared, 200, &user_json(&u)),
+        None => fail(&shared, AppError::new("app.user.missing_account.const", "Unable to find the user.", 404)),
+    }
+}
+
+async fn rest_user_teams(req: HttpRequest, shared: web::Data<Arc<Shared>>) -> HttpResponse {
+    let me = match rest_begin(&req, &shared, &Value::Null) {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    if let Err(e) = path_user(&req, &me) {
+        return fail(&shared, e);
+    }
+    let teams: Vec<Value> = shared
+        .state
+        .lock()
+        .unwrap()
+        .teams
+        .iter()
+        .map(|t| serde_json::json!({"id": t.id, "name": t.name, "display_name": t.name, "type": "O"}))
+        .collect();
+    finish(&shared, 200, &Value::Array(teams))
+}
+
+async fn rest_user_channels(req: HttpRequest, shared: web::Data<Arc<Shared>>) -> HttpResponse {
+    let me = match rest_begin(&req, &shared, &Value::Null) {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    if let Err(e) = path_user(&req, &me) {
+        return fail(&shared, e);
+    }
+    let id = req.match_info().get("user_id").unwrap_or("");
+    let uid = if id == "me" { me.id.clone() } else { id.to_owned() };
+    let chans: Vec<Value> = {
+        let st = shared.state.lock().unwrap();
+        st.channels.iter().filter(|c| st.members.contains(&(c.id.clone(), uid.clone()))).map(channel_json).collect()
+    };
+    finish(&shared, 200, &Value::Array(chans))
+}
+
+async fn rest_typing(req: HttpRequest, body: web::Bytes, shared: web::Data<Arc<Shared>>) -> HttpResponse {
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let me = match rest_begin(&req, &shared, &body) {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    if let Err(e) = path_user(&req, &me) {
+        return fail(&shared, e);
+    }
+    let channel_id = body["channel_id"].as_str().unwrap_or("").to_owned();
+    let parent_id = body["parent_id"].as_str().unwrap_or("").to_owned();
+    {
+        let mut st = shared.state.lock().unwrap();
+        if !st.members.contains(&(channel_id.clone(), me.id.clone())) {
+            drop(st);
+            return fail(&shared, no_permission());
+        }
+        st.typing.push((me.id.clone(), channel_id, parent_id));
+    }
+    finish(&shared, 200, &serde_json::json!({"status": "OK"}))
+}
+
+async fn rest_channel_posts(req: HttpRequest, shared: web::Data<Arc<Shared>>) -> HttpResponse {
+    let me = match rest_begin(&req, &shared, &Value::Null) {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let cid = req.match_info().get("channel_id").unwrap_or("").to_owned();
+    let q = web::Query::<HashMap<String, String>>::from_query(req.query_string()).map(|q| q.into_inner()).unwrap_or_default();
+    let list = {
+        let st = shared.state.lock().unwrap();
+        if st.channel(&cid).is_none() || !(st.members.contains(&(cid.clone(), me.id.clone())) || me.is_system_admin) {
+            drop(st);
+            return fail(&shared, no_permission());
+        }
+        let in_channel = st.posts.iter().filter(|p| p.channel_id == cid);
+        let mut chosen: Vec<&Post> = if let Some(since) = q.get("since").and_then(|s| s.parse::<i64>().ok()) {
+            in_channel.filter(|p| p.create_at >= since).collect()
+        } else {
+            let per_page = q.get("per_page").and_then(|s| s.parse::<usize>().ok()).unwrap_or(60).min(200);
+            let page = q.get("page").and_then(|s| s.parse::<usize>().ok()).unwrap_or(0);
+            match q.get("after") {
+                Some(after) => {
+                    let anchor = st.posts.iter().find(|p| p.id == *after).map(|p| p.create_at);
+                    match anchor {
+                        None => Vec::new(),
+                        Some(t) => in_channel.filter(|p| p.create_at > t).skip(page * per_page).take(per_page).collect(),
+                    }
+                }
+                None => {
+                    let mut all: Vec<&Post> = in_channel.collect();
+                    all.reverse();
+                    let mut v: Vec<&Post> = all.into_iter().skip(page * per_page).take(per_page).collect();
+                    v.reverse();
+                    v
+                }
+            }
+        };
+        chosen.reverse();
+        let order: Vec<Value> = chosen.iter().map(|p| Value::String(p.id.clone())).collect();
+        let posts: Map<String, Value> = chosen.iter().map(|p| (p.id.clone(), p.to_api_json())).collect();
+        serde_json::json!({"order": order, "posts": posts, "next_post_id": "", "prev_post_id": "", "has_next": false})
+    };
+    finish(&shared, 200, &list)
+}
+
+async fn rest_create_post(req: HttpRequest, body: web::Bytes, shared: web::Data<Arc<Shared>>) -> HttpResponse {
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let me = match rest_begin(&req, &shared, &body) {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let Some(obj) = body.as_object() else {
+        return fail(&shared, AppError::new("api.context.invalid_body_param.app_error", "Invalid or missing post in request body.", 400));
+    };
+    let cid = obj.get("channel_id").and_then(Value::as_str).unwrap_or("").to_owned();
+    let saved = {
+        let mut st = shared.state.lock().unwrap();
+        let member = st.members.contains(&(cid.clone(), me.id.clone())) || me.is_system_admin;
+        if st.channel(&cid).is_none() || !member {
+            Err(no_permission())
+        } else {
+            let props = obj.get("props").and_then(Value::as_object).cloned().unwrap_or_default();
+            st.save_post(Post {
+                id: String::new(),
+                create_at: 0,
+                user_id: me.id.clone(),
+                channel_id: cid,
+                root_id: obj.get("root_id").and_then(Value::as_str).unwrap_or("").to_owned(),
+                message: obj.get("message").and_then(Value::as_str).unwrap_or("").to_owned(),
+                post_type: String::new(),
+                props,
+                priority: None,
+            })
+        }
+    };
+    match saved {
+        Ok(post) => {
+            shared.announce(std::slice::from_ref(&post));
+            finish(&shared, 201, &post.to_api_json())
+        }
+        Err(e) => fail(&shared, e),
+    }
+}
+
+// ---- WebSocket frames (RFC 6455), enough for JSON text frames and control frames ----
+
+/// One frame (fragments are reassembled by [`FrameReader`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum WsFrame {
+    Text(String),
+    Binary(Vec<u8>),
+    Ping(Vec<u8>),
+    Pong(Vec<u8>),
+    Close(Option<u16>),
+}
+
+pub fn encode_frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut out = vec![0x80 | opcode];
+    let m = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(m | n as u8),
+        n if n <= 0xffff => {
+            out.push(m | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(m | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(k) => {
+            out.extend_from_slice(&k);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+        }
+        None => out.extend_from_slice(payload),
+    }
+    out
+}
+
+#[derive(Default)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+    fragments: Option<(u8, Vec<u8>)>,
+}
+
+impl FrameReader {
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame, `Ok(None)` when more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<WsFrame>, String> {
+        // Bounded: each iteration consumes one frame from the buffer.
+        loop {
+            let b = &self.buf;
+            if b.len() < 2 {
+                return Ok(None);
+            }
+            let fin = b[0] & 0x80 != 0;
+            let opcode = b[0] & 0x0f;
+            let masked = b[1] & 0x80 != 0;
+            let (len, mut at) = match b[1] & 0x7f {
+                126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+                127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize, 10),
+                126 | 127 => return Ok(None),
+                n => (n as usize, 2),
+            };
+            let key = if masked {
+                if b.len() < at + 4 {
+                    return Ok(None);
+                }
+                let k = [b[at], b[at + 1], b[at + 2], b[at + 3]];
+                at += 4;
+                Some(k)
+            } else {
+                None
+            };
+            if b.len() < at + len {
+                return Ok(None);
+            }
+            let mut payload = b[at..at + len].to_vec();
+            if let Some(k) = key {
+                for (i, x) in payload.iter_mut().enumerate() {
+                    *x ^= k[i % 4];
+                }
+            }
+            self.buf.drain(..at + len);
+            let (opcode, payload) = match opcode {
+                0 => {
+                    let Some((op, mut acc)) = self.fragments.take() else { return Err("continuation without a start".into()) };
+                    acc.extend_from_slice(&payload);
+                    if !fin {
+                        self.fragments = Some((op, acc));
+                        continue;
+                    }
+                    (op, acc)
+                }
+                1 | 2 if !fin => {
+                    self.fragments = Some((opcode, payload));
+                    continue;
+                }
+                _ => (opcode, payload),
+            };
+            return match opcode {
+                1 => String::from_utf8(payload).map(|t| Some(WsFrame::Text(t))).map_err(|_| "text frame is not UTF-8".into()),
+                2 => Ok(Some(WsFrame::Binary(payload))),
+                8 => Ok(Some(WsFrame::Close((payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]))))),
+                9 => Ok(Some(WsFrame::Ping(payload))),
+                10 => Ok(Some(WsFrame::Pong(payload))),
+                op => Err(format!("unknown opcode {op}")),
+            };
+        }
+    }
+}
+
+/// SHA-1 (FIPS 180-4), for `Sec-WebSocket-Accept` only.
+fn sha1(data: &[u8]) -> [u8; 20] {
+    let mut h: [u32; 5] = [0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0];
+    let mut msg = data.to_vec();
+    msg.push(0x80);
+    while msg.len() % 64 != 56 {
+        msg.push(0);
+    }
+    msg.extend_from_slice(&((data.len() as u64) * 8).to_be_bytes());
+    for chunk in msg.chunks(64) {
+        let mut w = [0u32; 80];
+        for i in 0..16 {
+            w[i] = u32::from_be_bytes(chunk[i * 4..i * 4 + 4].try_into().unwrap());
+        }
+        for i in 16..80 {
+            w[i] = (w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16]).rotate_left(1);
+        }
+        let [mut a, mut b, mut c, mut d, mut e] = h;
+        for (i, wi) in w.iter().enumerate() {
+            let (f, k) = match i {
+                0..=19 => ((b & c) | (!b & d), 0x5A827999),
+                20..=39 => (b ^ c ^ d, 0x6ED9EBA1),
+                40..=59 => ((b & c) | (b & d) | (c & d), 0x8F1BBCDC),
+                _ => (b ^ c ^ d, 0xCA62C1D6),
+            };
+            let t = a.rotate_left(5).wrapping_add(f).wrapping_add(e).wrapping_add(k).wrapping_add(*wi);
+            e = d;
+            d = c;
+            c = b.rotate_left(30);
+            b = a;
+            a = t;
+        }
+        for (x, y) in h.iter_mut().zip([a, b, c, d, e]) {
+            *x = x.wrapping_add(y);
+        }
+    }
+    let mut out = [0u8; 20];
+    for (i, x) in h.iter().enumerate() {
+        out[i * 4..i * 4 + 4].copy_from_slice(&x.to_be_bytes());
+    }
+    out
+}
+
+/// `Sec-WebSocket-Accept` for a key.
+pub fn ws_accept_key(key: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(sha1(format!("{key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11").as_bytes()))
+}
+
+fn action_reply(status: &str, seq_reply: i64, data: Option<Value>, error: Option<AppError>) -> String {
+    let mut o = Map::new();
+    o.insert("status".into(), status.into());
+    if seq_reply > 0 {
+        o.insert("seq_reply".into(), seq_reply.into());
+    }
+    if let Some(d) = data {
+        o.insert("data".into(), d);
+    }
+    if let Some(e) = error {
+        o.insert("error".into(), serde_json::from_str(&e.to_json()).unwrap());
+    }
+    // json.Encoder: compact, newline.
+    format!("{}\n", serde_json::to_string(&Value::Object(o)).unwrap())
+}
+
+async fn websocket(req: HttpRequest, mut payload: web::Payload, shared: web::Data<Arc<Shared>>) -> HttpResponse {
+    use futures_util::StreamExt;
+    let shared: Arc<Shared> = shared.get_ref().clone();
+    let query = req.query_string().to_owned();
+    let authorization = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let refuse = |status: u16, e: Option<AppError>| {
+        shared.ws.lock().unwrap().connects.push(WsConnect { query: query.clone(), authorization: authorization.clone(), status, resumed: None });
+        match e {
+            Some(e) => Answer::error(e, &new_id()).into_response(),
+            None => HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap()).finish(),
+        }
+    };
+    let upgrade = req.headers().get("upgrade").and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let Some(key) = req.headers().get("sec-websocket-key").and_then(|v| v.to_str().ok()).map(str::to_owned) else {
+        return refuse(400, None);
+    };
+    if !upgrade {
+        return refuse(400, None);
+    }
+    // Authenticated at the upgrade, or not at all (then the challenge decides).
+    let mut user: Option<(User, String)> = None;
+    if let Some(token) = request_token(&req) {
+        match shared.user_for_token(&token) {
+            Some(u) => user = Some((u, token)),
+            None => return refuse(401, Some(session_expired())),
+        }
+    }
+    let q = web::Query::<HashMap<String, String>>::from_query(&query).map(|q| q.into_inner()).unwrap_or_default();
+    let mut resume = None;
+    if let Some(cid) = q.get("connection_id").filter(|c| !c.is_empty()) {
+        let seq = q.get("sequence_number").and_then(|s| s.parse::<i64>().ok()).filter(|s| *s >= 0);
+        match seq {
+            Some(seq) if is_valid_id(cid) => resume = Some((cid.clone(), seq)),
+            _ => return refuse(400, None),
+        }
+    }
+    let fd = req.conn_data::<ConnFd>().map(|c| c.0);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<WsOut>();
+    let (gen, connect_index) = {
+        let mut hub = shared.ws.lock().unwrap();
+        hub.next_gen += 1;
+        hub.connects.push(WsConnect { query: query.clone(), authorization: authorization.clone(), status: 101, resumed: None });
+        (hub.next_gen, hub.connects.len() - 1)
+    };
+    let register = {
+        let shared = shared.clone();
+        let tx = tx.clone();
+        move |user: &User, token: &str, resume: Option<(String, i64)>| {
+            let mut hub = shared.ws.lock().unwrap();
+            let resumed = hub.register(&user.id, token, resume, WsLive { tx: tx.clone(), fd, gen });
+            hub.connects[connect_index].resumed = Some(resumed);
+        }
+    };
+    if let Some((u, token)) = &user {
+        register(u, token, resume);
+    }
+    let out_shared = shared.clone();
+    let body = futures_util::stream::unfold((rx, out_shared, false), |(mut rx, shared, done)| async move {
+        if done {
+            return None;
+        }
+        let out = rx.recv().await?;
+        // A stalled network: nothing goes out until the test lets it.
+        for _ in 0..6000 {
+            if !shared.ws.lock().unwrap().stalled {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (bytes, last) = match out {
+            WsOut::Text(t) => (encode_frame(1, t.as_bytes(), None), false),
+            WsOut::Ping => (encode_frame(9, b"", None), false),
+            WsOut::Pong(p) => (encode_frame(10, &p, None), false),
+            WsOut::Close => (encode_frame(8, &1000u16.to_be_bytes(), None), true),
+        };
+        Some((Ok::<_, actix_web::Error>(web::Bytes::from(bytes)), (rx, shared, last)))
+    });
+    let ping_every = shared.state.lock().unwrap().settings.ws_ping_interval;
+    let reader_shared = shared.clone();
+    actix_web::rt::spawn(async move {
+        let shared = reader_shared;
+        let mut reader = FrameReader::default();
+        let mut authed = user;
+        let auth_deadline = tokio::time::sleep(WS_AUTH_WAIT);
+        tokio::pin!(auth_deadline);
+        let mut pings = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        // Bounded by the connection's life.
+        'conn: loop {
+            tokio::select! {
+                chunk = payload.next() => {
+                    let Some(Ok(chunk)) = chunk else { break };
+                    if shared.ws.lock().unwrap().stalled {
+                        continue;
+                    }
+                    reader.push(&chunk);
+                    loop {
+                        let frame = match reader.next_frame() {
+                            Ok(Some(f)) => f,
+                            Ok(None) => break,
+                            Err(_) => break 'conn,
+                        };
+                        match frame {
+                            WsFrame::Ping(p) => { let _ = tx.send(WsOut::Pong(p)); }
+                            WsFrame::Close(_) => { let _ = tx.send(WsOut::Close); break 'conn; }
+                            WsFrame::Text(t) => {
+                                let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
+                                let seq = v.get("seq").and_then(Value::as_i64).unwrap_or(0);
+                                let action = v.get("action").and_then(Value::as_str).unwrap_or("");
+                                if action == "authentication_challenge" {
+                                    if authed.is_some() {
+                                        continue;
+                                    }
+                                    let token = v["data"]["token"].as_str().unwrap_or("").to_owned();
+                                    match shared.user_for_token(&token) {
+                                        Some(u) => {
+                                            register(&u, &token, None);
+                                            let _ = tx.send(WsOut::Text(action_reply("OK", seq, None, None)));
+                                            authed = Some((u, token));
+                                        }
+                                        None => break 'conn,
+                                    }
+                                    continue;
+                                }
+                                let reply = if authed.is_none() {
+                                    action_reply("FAIL", seq, None, Some(AppError::new("api.web_socket_router.not_authenticated.app_error", "No websocket connection has been authenticated.", 401)))
+                                } else if action.is_empty() {
+                                    action_reply("FAIL", seq, None, Some(AppError::new("api.web_socket_router.no_action.app_error", "No websocket action.", 500)))
+                                } else if seq <= 0 {
+                                    action_reply("FAIL", seq, None, Some(AppError::new("api.web_socket_router.bad_seq.app_error", "Invalid sequence for WebSocket message.", 400)))
+                                } else if action == "ping" {
+                                    action_reply("OK", seq, Some(serde_json::json!({"text": "pong", "version": VERSION_ID, "server_time": now_millis(), "node_id": ""})), None)
+                                } else if action == "user_typing" {
+                                    let (uid, _) = authed.as_ref().map(|(u, t)| (u.id.clone(), t.clone())).unwrap();
+                                    let ch = v["data"]["channel_id"].as_str().unwrap_or("").to_owned();
+                                    let parent = v["data"]["parent_id"].as_str().unwrap_or("").to_owned();
+                                    shared.state.lock().unwrap().typing.push((uid, ch, parent));
+                                    action_reply("OK", seq, None, None)
+                                } else {
+                                    action_reply("FAIL", seq, None, Some(AppError::new("api.web_socket_router.bad_action.app_error", "Unknown WebSocket action.", 500)))
+                                };
+                                let _ = tx.send(WsOut::Text(reply));
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                _ = &mut auth_deadline, if authed.is_none() => break,
+                _ = pings.tick() => {
+                    if !shared.ws.lock().unwrap().stalled {
+                        let _ = tx.send(WsOut::Ping);
+                    }
+                }
+            }
+        }
+        shared.ws.lock().unwrap().disconnected(gen);
+        shutdown_fd(fd);
+    });
+    HttpResponse::SwitchingProtocols()
+        .upgrade("websocket")
+        .insert_header(("Sec-WebSocket-Accept", ws_accept_key(&key)))
+        .streaming(body)
+}
+
+impl FakeMattermost {
+    // ---- bot accounts, tokens, REST ----
+
+    /// Creates a personal access token for `username` (`POST /users/{id}/tokens`); answers it.
+    pub fn create_token(&self, username: &str) -> String {
+        let mut st = self.state();
+        let uid = st.user_ref(username).id.clone();
+        let token = new_id();
+        st.tokens.insert(token.clone(), uid);
+        token
+    }
+
+    /// Revokes a token: REST calls with it get 401 and its WebSockets are closed.
+    pub fn revoke_token(&self, token: &str) {
+        self.state().tokens.remove(token);
+        let mut hub = self.shared.ws.lock().unwrap();
+        for s in hub.sessions.iter_mut().filter(|s| s.token == token) {
+            if let Some(l) = s.live.take() {
+                let _ = l.tx.send(WsOut::Close);
+                shutdown_fd(l.fd);
+            }
+        }
+        hub.sessions.retain(|s| s.token != token);
+    }
+
+    /// The direct channel of two users (created on demand, both members).
+    pub fn direct_channel(&self, a: &str, b: &str) -> Channel {
+        let mut st = self.state();
+        let (a, b) = (st.user_ref(a).id.clone(), st.user_ref(b).id.clone());
+        st.get_or_create_dm(&a, &b)
+    }
+
+    /// Answers the next `/api/v4` REST requests with these statuses (AppError bodies).
+    pub fn script_rest(&self, statuses: Vec<u16>) {
+        self.state().rest_faults.extend(statuses);
+    }
+
+    pub fn rest_requests(&self) -> Vec<RestRequest> {
+        self.state().rest.clone()
+    }
+
+    /// Typing indicators so far: (user id, channel id, parent id).
+    pub fn typing(&self) -> Vec<(String, String, String)> {
+        self.state().typing.clone()
+    }
+
+    // ---- WebSocket controls ----
+
+    /// Every WebSocket upgrade so far.
+    pub fn ws_connects(&self) -> Vec<WsConnect> {
+        self.shared.ws.lock().unwrap().connects.clone()
+    }
+
+    /// How many sockets are open now.
+    pub fn ws_live(&self) -> usize {
+        self.shared.ws.lock().unwrap().sessions.iter().filter(|s| s.live.is_some()).count()
+    }
+
+    /// Drops every open socket abruptly (TCP shutdown, no close frame), as a network fault
+    /// does. Sessions stay resumable.
+    pub fn ws_drop(&self) {
+        let mut hub = self.shared.ws.lock().unwrap();
+        for s in &mut hub.sessions {
+            if let Some(l) = s.live.take() {
+                shutdown_fd(l.fd);
+            }
+        }
+    }
+
+    /// Refuse (true) or allow (false, the default) resuming: a refused resume gets a new
+    /// connection id and `hello`, as after a server restart or on another cluster node.
+    pub fn ws_refuse_resume(&self, refuse: bool) {
+        let mut hub = self.shared.ws.lock().unwrap();
+        hub.allow_resume = !refuse;
+    }
+
+    /// A black hole: while stalled, nothing is sent (no events, replies, pings or pongs)
+    /// and nothing received is answered; the sockets stay open.
+    pub fn ws_stall(&self, stalled: bool) {
+        self.shared.ws.lock().unwrap().stalled = stalled;
+    }
+
+    /// The connection id and next seq of `user`'s sessions.
+    pub fn ws_sessions(&self, username: &str) -> Vec<(String, i64, bool)> {
+        let uid = self.user(username).id;
+        let hub = self.shared.ws.lock().unwrap();
+        hub.sessions.iter().filter(|s| s.user_id == uid).map(|s| (s.conn_id.clone(), s.next_seq, s.live.is_some())).collect()
+    }
+}
+
+/// A minimal WebSocket client for tests of the fake (the bot under test uses tungstenite).
+pub struct WsClient {
+    stream: tokio::net::TcpStream,
+    reader: FrameReader,
+}
+
+impl WsClient {
+    /// Opens `{fake}/{path_and_query}` with extra headers; `Err((status, body))` when the
+    /// upgrade is refused.
+    pub async fn connect(base_url: &str, path_and_query: &str, headers: &[(&str, &str)]) -> Result<WsClient, (u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let host = base_url.trim_start_matches("http://");
+        let mut stream = tokio::net::TcpStream::connect(host).await.map_err(|e| (0, e.to_string()))?;
+        let key = {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>())
+        };
+        let mut req = format!(
+            "GET {path_and_query} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        stream.write_all(req.as_bytes()).await.map_err(|e| (0, e.to_string()))?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let head_end = loop {
+            if let Some(i) = find_sub(&buf, b"\r\n\r\n", 0) {
+                break i + 4;
+            }
+            let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk)).await.map_err(|_| (0, "timeout".to_owned()))?.map_err(|e| (0, e.to_string()))?;
+            if n == 0 {
+                return Err((0, "closed during the handshake".into()));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        if status != 101 {
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                .unwrap_or(0);
+            let mut body = buf[head_end..].to_vec();
+            while body.len() < len {
+                let n = stream.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+            return Err((status, String::from_utf8_lossy(&body).into_owned()));
+        }
+        let accept = ws_accept_key(&key);
+        assert!(head.to_ascii_lowercase().contains(&format!("sec-websocket-accept: {}", accept.to_ascii_lowercase())), "{head}");
+        let mut reader = FrameReader::default();
+        reader.push(&buf[head_end..]);
+        Ok(WsClient { stream, reader })
+    }
+
+    pub async fn send_raw(&mut self, opcode: u8, payload: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        let _ = self.stream.write_all(&encode_frame(opcode, payload, Some(rand::random()))).await;
+    }
+
+    pub async fn send_json(&mut self, v: &Value) {
+        self.send_raw(1, v.to_string().as_bytes()).await;
+    }
+
+    /// The next frame within `within` (`None`: timeout or the socket closed). Pings are
+    /// answered and returned.
+    pub async fn recv(&mut self, within: Duration) -> Option<WsFrame> {
+        use tokio::io::AsyncReadExt;
+        let deadline = tokio::time::Instant::now() + within;
+        let mut chunk = [0u8; 8192];
+        // Bounded by the deadline.
+        loop {
+            if let Ok(Some(f)) = self.reader.next_frame() {
+                if let WsFrame::Ping(p) = &f {
+                    let p = p.clone();
+                    self.send_raw(10, &p).await;
+                }
+                return Some(f);
+            }
+            let n = tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await.ok()?.ok()?;
+            if n == 0 {
+                return None;
+            }
+            self.reader.push(&chunk[..n]);
+        }
+    }
+
+    /// The next JSON text frame within `within`, skipping control frames; also the raw text.
+    pub async fn recv_json(&mut self, within: Duration) -> Option<(Value, String)> {
+        let deadline = tokio::time::Instant::now() + within;
+        // Bounded by the deadline.
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.recv(left).await? {
+                WsFrame::Text(t) => return Some((serde_json::from_str(&t).expect("JSON frame"), t)),
+                WsFrame::Close(_) => return None,
+                _ => continue,
+            }
+        }
+    }
+
+    /// Whether the server closed the socket (EOF or a close frame) within `within`.
+    pub async fn closed_within(&mut self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        // Bounded by the deadline.
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match self.recv(left).await {
+                None => return tokio::time::Instant::now() < deadline,
+                Some(WsFrame::Close(_)) => return true,
+                Some(_) => continue,
+            }
+        }
     }
 }
