@@ -7,5 +7,6 @@ pub fn all() -> Vec<Arc<dyn ChannelKind>> {
     vec![
         Arc::new(patchbay_channel_loopback::LoopbackKind),
         Arc::new(patchbay_channel_mattermost::MattermostKind),
+        Arc::new(patchbay_channel_webchat::WebchatKind),
     ]
 }

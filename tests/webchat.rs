@@ -1,0 +1,293 @@
+//! The web chat channel end to end, against the real binary: user tokens, both Botkit
+//! webhooks, CORS and origins, history, the WebSocket (session events, replay from a
+//! watermark, one socket per conversation), bad input, and toggles.
+
+mod webchat_support;
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use webchat_support::{new_token, post, Connect, Service, Socket};
+
+const CONFIG: &str = r#"
+[assistants.echo]
+backend = "echo"
+api_key = "pbk_test_key_for_pushing_replies_0001"
+
+[channels.web]
+kind = "webchat"
+assistant = "echo"
+allowed_origins = ["https://site.example"]
+max_frame_bytes = 1024
+"#;
+
+fn conversation_id(channel: &str, user: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [channel, user, ""] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    format!("c_{}", &hex::encode(h.finalize())[..32])
+}
+
+/// Pushes a reply into `user`'s conversation the way an assistant does later.
+async fn push(svc: &Service, user: &str, text: &str) {
+    let url = format!("{}/api/v1/conversations/{}/replies", svc.url, conversation_id("web", user));
+    let resp = webchat_support::http()
+        .post(url)
+        .bearer_auth("pbk_test_key_for_pushing_replies_0001")
+        .json(&json!({"replies": [{"text": text}]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{} {}", resp.status(), resp.text().await.unwrap_or_default());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_answer_botkit_style_for_the_tokens_user_only() {
+    let svc = Service::start(Some(CONFIG));
+    let base = svc.base("web").await;
+    let (token, user) = new_token(&base).await;
+    assert!(token.starts_with("wc1."));
+
+    // Botkit 4: an array of replies, each with its sequence number.
+    let msg = json!({"type": "message", "text": "hi", "user": token, "channel": "webhook", "extra": 1}).to_string();
+    let (status, v, _) = post(&format!("{base}/api/messages"), &msg, &[]).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v[0]["type"], "message");
+    assert_eq!(v[0]["text"], "echo: hi");
+    assert_eq!(v[0]["user"], user.as_str());
+    assert_eq!(v[0]["seq"], 2, "the user's message is 1, its reply 2: {v}");
+
+    // Botkit Anywhere: one object; the token may come as a Bearer header.
+    let msg = json!({"type": "message", "text": "again"}).to_string();
+    let bearer = format!("Bearer {token}");
+    let (status, v, _) = post(&format!("{base}/botkit/receive"), &msg, &[("authorization", &bearer)]).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v.is_object(), "{v}");
+    assert_eq!(v["text"], "echo: again");
+
+    // A connection event answers the session without reaching the assistant.
+    let (status, v, _) = post(&format!("{base}/botkit/receive"), &json!({"type": "hello"}).to_string(), &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(v["type"], "hello");
+    assert!(v["token"].as_str().unwrap().starts_with("wc1."));
+    let (_, v, _) = post(&format!("{base}/api/messages"), &json!({"type": "welcome_back", "user": token}).to_string(), &[]).await;
+    assert_eq!(v[0]["type"], "welcome_back");
+    assert_eq!(v[0]["user"], user.as_str());
+    assert_eq!(v[0]["watermark"], 4);
+
+    // Bad input, each with its own clear answer.
+    let cases: Vec<(&str, String, Vec<(&str, &str)>, u16, &str)> = vec![
+        ("/api/messages", json!({"type": "message", "text": "x"}).to_string(), vec![], 401, "token_required"),
+        ("/api/messages", json!({"type": "message", "text": "x", "user": "botkit-guid-123"}).to_string(), vec![], 401, "token_required"),
+        ("/api/messages", json!({"type": "message", "text": "x", "user": forge(&token)}).to_string(), vec![], 401, "invalid_token"),
+        ("/api/messages", "not json".into(), vec![], 400, "bad_json"),
+        ("/api/messages", json!({"type": "launch", "user": token}).to_string(), vec![], 400, "unknown_type"),
+        ("/api/messages", json!({"type": "message", "text": "", "user": token}).to_string(), vec![], 400, "empty_message"),
+        ("/api/messages", json!({"type": "message", "text": "x".repeat(2000), "user": token}).to_string(), vec![], 413, "body_too_large"),
+        ("/botkit/receive", json!({"type": "message", "text": "x", "user": token}).to_string(), vec![("origin", "https://evil.example")], 403, "origin_not_allowed"),
+        ("/session", json!({"token": "wc1.uabc.1.sig"}).to_string(), vec![], 401, "invalid_token"),
+        ("/nope", "{}".into(), vec![], 404, "not_found"),
+    ];
+    for (path, body, headers, want_status, want_code) in cases {
+        let (status, v, _) = post(&format!("{base}{path}"), &body, &headers).await;
+        assert_eq!((status, v["error"]["code"].as_str().unwrap_or("")), (want_status, want_code), "{path} {body:.80}: {v}");
+    }
+
+    // CORS for an allowed origin, and its preflight.
+    let (status, _, headers) =
+        post(&format!("{base}/api/messages"), &json!({"type": "hello"}).to_string(), &[("origin", "https://site.example")]).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["access-control-allow-origin"], "https://site.example");
+    let resp = webchat_support::http()
+        .request(reqwest::Method::OPTIONS, format!("{base}/api/messages"))
+        .header("origin", "https://site.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 204);
+    assert!(resp.headers()["access-control-allow-headers"].to_str().unwrap().contains("authorization"));
+
+    // History: the token's user's messages, in order, paginated; nobody else's.
+    let resp = webchat_support::http().get(format!("{base}/history?limit=3")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let h: Value = resp.json().await.unwrap();
+    let texts: Vec<&str> = h["messages"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, vec!["echo: hi", "again", "echo: again"]);
+    assert_eq!(h["next_before"], 2);
+    let resp = webchat_support::http().get(format!("{base}/history?before=2")).bearer_auth(&token).send().await.unwrap();
+    let h: Value = resp.json().await.unwrap();
+    assert_eq!(h["messages"][0]["text"], "hi");
+    assert_eq!(h["messages"][0]["type"], "message_received");
+    let (other, _) = new_token(&base).await;
+    let resp = webchat_support::http().get(format!("{base}/history")).bearer_auth(&other).send().await.unwrap();
+    let h: Value = resp.json().await.unwrap();
+    assert_eq!(h["messages"], json!([]), "another user sees nothing of this conversation");
+    let resp = webchat_support::http().get(format!("{base}/history")).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    // Botkit's client's history call.
+    let (status, v, _) = post(&format!("{base}/botkit/history"), &json!({"user": token}).to_string(), &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(v["success"], true);
+    assert_eq!(v["history"].as_array().unwrap().len(), 4);
+    let (status, v, _) = post(&format!("{base}/botkit/history"), &json!({"user": "someone"}).to_string(), &[]).await;
+    assert_eq!((status, v["success"].clone()), (401, json!(false)));
+}
+
+/// The token with the signature of another user's token.
+fn forge(token: &str) -> String {
+    let parts: Vec<&str> = token.split('.').collect();
+    format!("wc1.uaaaaaaaaaaaaaaaaaaaaaaaaaa.{}.{}", parts[2], parts[3])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_speaks_botkit_and_refuses_bad_frames_keeping_the_socket() {
+    let svc = Service::start(Some(CONFIG));
+    let base = svc.base("web").await;
+    let mut s = Socket::open(&base).await;
+    // A new user: hello, with a token.
+    s.send(json!({"type": "hello", "user": "botkit-cookie-guid", "channel": "websocket"})).await;
+    let hello = s.next().await;
+    assert_eq!(hello["type"], "hello", "{hello}");
+    let token = hello["token"].as_str().unwrap().to_owned();
+    let user = hello["user"].as_str().unwrap().to_owned();
+
+    s.send(json!({"type": "message", "text": "hello there", "user": "botkit-cookie-guid", "id": "m1"})).await;
+    let received = s.next_of("received").await;
+    assert_eq!(received["id"], "m1");
+    let echo = s.next_of("message").await;
+    assert_eq!(echo["text"], "echo: hello there");
+    assert_eq!(echo["to"], user.as_str());
+
+    // Bad frames: each answered with an error frame; the socket stays usable.
+    for (frame, code) in [
+        ("not json".to_owned(), "bad_json"),
+        (json!({"type": "launch"}).to_string(), "unknown_type"),
+        (json!({"type": "message"}).to_string(), "bad_frame"),
+        (json!({"type": "message", "text": "x".repeat(2000)}).to_string(), "frame_too_large"),
+        (json!({"type": "message", "text": "x", "user": forge(&token)}).to_string(), "invalid_token"),
+    ] {
+        s.send_raw(tokio_tungstenite::tungstenite::Message::text(frame.clone())).await;
+        let e = s.next_of("error").await;
+        assert_eq!(e["code"], code, "{frame:.60}: {e}");
+    }
+    // Another valid user's token on this socket: refused, not acted on.
+    let (other, _) = new_token(&base).await;
+    s.send(json!({"type": "message", "text": "as someone else", "user": other})).await;
+    assert_eq!(s.next_of("error").await["code"], "user_mismatch");
+    s.send(json!({"type": "message", "text": "still here"})).await;
+    assert_eq!(s.next_of("message").await["text"], "echo: still here");
+    // Nothing of the refused frames reached the assistant: the history has exactly the two
+    // exchanges.
+    let resp = webchat_support::http().get(format!("{base}/history")).bearer_auth(&token).send().await.unwrap();
+    let h: Value = resp.json().await.unwrap();
+    let texts: Vec<&str> = h["messages"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, vec!["hello there", "echo: hello there", "still here", "echo: still here"]);
+
+    // A message before hello, without a token: refused.
+    let mut anon = Socket::open(&base).await;
+    anon.send(json!({"type": "message", "text": "hi"})).await;
+    assert_eq!(anon.next_of("error").await["code"], "hello_first");
+
+    // Foreign origin, and a bad token on the URL: refused before the upgrade, with a status.
+    match Socket::connect(&base, Some("https://evil.example"), "").await {
+        Connect::Refused(status, body) => assert_eq!((status, body.contains("origin_not_allowed")), (403, true), "{body}"),
+        Connect::Open(_) => panic!("a foreign origin was upgraded"),
+    }
+    match Socket::connect(&base, None, "?token=wc1.ux.1.y").await {
+        Connect::Refused(status, body) => assert_eq!((status, body.contains("invalid_token")), (401, true), "{body}"),
+        Connect::Open(_) => panic!("a forged token was upgraded"),
+    }
+    match Socket::connect(&base, Some("https://site.example"), "").await {
+        Connect::Open(s) => s.close().await,
+        Connect::Refused(status, body) => panic!("an allowed origin was refused: {status} {body}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_sent_while_the_socket_is_down_are_replayed_in_order_once() {
+    let svc = Service::start(Some(CONFIG));
+    let base = svc.base("web").await;
+    let mut s = Socket::open(&base).await;
+    s.send(json!({"type": "hello"})).await;
+    let hello = s.next_of("hello").await;
+    let token = hello["token"].as_str().unwrap().to_owned();
+    let user = hello["user"].as_str().unwrap().to_owned();
+    s.send(json!({"type": "message", "text": "one"})).await;
+    let echo = s.next_of("message").await;
+    let watermark = echo["seq"].as_i64().unwrap();
+    s.close().await;
+
+    // While no socket is open, the assistant pushes three replies.
+    for t in ["missed 1", "missed 2", "missed 3"] {
+        push(&svc, &user, t).await;
+    }
+    // They are in the log once delivered; wait for the third (bounded).
+    for _ in 0..100 {
+        let resp = webchat_support::http().get(format!("{base}/history")).bearer_auth(&token).send().await.unwrap();
+        let h: Value = resp.json().await.unwrap();
+        if h["messages"].as_array().unwrap().iter().any(|m| m["text"] == "missed 3") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // Back within the window with the watermark: `reconnect`, then exactly the missed ones.
+    let mut s = Socket::open(&base).await;
+    s.send(json!({"type": "welcome_back", "user": token, "watermark": watermark})).await;
+    let back = s.next().await;
+    assert_eq!(back["type"], "reconnect", "{back}");
+    let mut seqs = Vec::new();
+    for want in ["missed 1", "missed 2", "missed 3"] {
+        let m = s.next_of("message").await;
+        assert_eq!(m["text"], want);
+        seqs.push(m["seq"].as_i64().unwrap());
+    }
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]) && seqs[0] > watermark, "{seqs:?}");
+    // A live push now arrives once, and nothing else comes.
+    push(&svc, &user, "live").await;
+    let m = s.next_of("message").await;
+    assert_eq!(m["text"], "live");
+    assert_eq!(m["seq"].as_i64().unwrap(), seqs[2] + 1);
+    assert_eq!(s.next_within(1).await, None, "nothing is sent twice");
+
+    // A second socket for the conversation takes over; the first is told why and closed.
+    let mut s2 = Socket::open(&base).await;
+    s2.send(json!({"type": "welcome_back", "token": token, "watermark": m["seq"]})).await;
+    assert_eq!(s2.next().await["type"], "reconnect");
+    let why = s.next_of("disconnect").await;
+    assert_eq!(why["reason"], "collision");
+    assert!(s.closed_within(5).await);
+    push(&svc, &user, "to the new one").await;
+    assert_eq!(s2.next_of("message").await["text"], "to the new one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_chat_closes_its_sockets_and_refuses_new_ones() {
+    let svc = Service::start(Some(CONFIG));
+    let base = svc.base("web").await;
+    let mut s = Socket::open(&base).await;
+    s.send(json!({"type": "hello"})).await;
+    let token = s.next_of("hello").await["token"].as_str().unwrap().to_owned();
+    let (status, v) = svc.admin("PATCH", "/api/v1/channels/web", Some(json!({"enabled": false}))).await;
+    assert_eq!(status, 200, "{v}");
+    let why = s.next_of("disconnect").await;
+    assert_eq!(why["reason"], "channel_disabled");
+    assert!(s.closed_within(5).await);
+    match Socket::connect(&base, None, "").await {
+        Connect::Refused(status, body) => assert_eq!((status, body.contains("channel_disabled")), (503, true)),
+        Connect::Open(_) => panic!("a disabled chat upgraded a socket"),
+    }
+    let msg = json!({"type": "message", "text": "x", "user": token}).to_string();
+    let (status, v, _) = post(&format!("{base}/api/messages"), &msg, &[]).await;
+    assert_eq!((status, v["error"]["code"].as_str().unwrap()), (503, "channel_disabled"));
+    // The page still loads (it says the chat is off when it cannot start a session).
+    let resp = webchat_support::http().get(format!("{base}/chat")).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    svc.admin("PATCH", "/api/v1/channels/web", Some(json!({"enabled": true}))).await;
+    let mut s = Socket::open(&base).await;
+    s.send(json!({"type": "welcome_back", "token": token})).await;
+    assert_eq!(s.next().await["type"], "reconnect");
+}
