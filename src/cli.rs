@@ -260,7 +260,8 @@ impl crate::store::Store for NullStore {
         _: &str,
         _: Vec<crate::store::NewOutbox>,
         _: crate::store::ConversationRecord,
-    ) -> crate::store::StoreResult<()> {
+        _: Option<crate::store::ChainClaim>,
+    ) -> crate::store::StoreResult<Option<crate::store::InboxItem>> {
         Err(crate::store::StoreError::Closed)
     }
     async fn inbox_release(&self, _: i64, _: &str, _: i64, _: &str) -> crate::store::StoreResult<()> {
@@ -275,7 +276,12 @@ impl crate::store::Store for NullStore {
     async fn outbox_claim(&self, _: crate::store::Claim) -> crate::store::StoreResult<Vec<crate::store::OutboxItem>> {
         Ok(vec![])
     }
-    async fn outbox_done(&self, _: i64, _: &str) -> crate::store::StoreResult<()> {
+    async fn outbox_done(
+        &self,
+        _: i64,
+        _: &str,
+        _: Option<crate::store::ChainClaim>,
+    ) -> crate::store::StoreResult<Option<crate::store::OutboxItem>> {
         Err(crate::store::StoreError::Closed)
     }
     async fn outbox_cancel(&self, _: Vec<String>) -> crate::store::StoreResult<()> {

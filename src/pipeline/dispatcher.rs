@@ -31,11 +31,24 @@ enum Failure {
     Dead(String),
 }
 
+/// Processes a claimed message and then, holding the same slot, each next message of its
+/// conversation that the completion claimed along (see `Store::inbox_complete`).
 async fn process(p: Arc<Pipeline>, item: InboxItem, owner: String) {
-    let outcome = answer(&p, &item).await;
+    let mut current = Some(item);
+    while let Some(item) = current.take() {
+        current = process_one(&p, item, &owner).await;
+    }
+    // Other conversations' messages, or a next message that was not due yet, may be
+    // claimable now.
+    p.inbox_wake.notify_one();
+}
+
+async fn process_one(p: &Arc<Pipeline>, item: InboxItem, owner: &str) -> Option<InboxItem> {
+    let owner = owner.to_owned();
+    let outcome = answer(p, &item).await;
     let m = p.metrics.channel(&item.channel_id);
     let result = match outcome {
-        Ok((inbound, replies)) => complete(&p, &item, &owner, inbound, replies).await,
+        Ok((inbound, replies)) => complete(p, &item, &owner, inbound, replies).await,
         Err(Failure::Retry { message, retry_after }) if item.attempts < p.settings.max_attempts => {
             m.retried.fetch_add(1, Ordering::Relaxed);
             let delay = p.settings.backoff.delay_honouring(item.attempts, retry_after);
@@ -44,29 +57,32 @@ async fn process(p: Arc<Pipeline>, item: InboxItem, owner: String) {
             p.store
                 .inbox_release(item.id, &owner, patchbay_channel_core::now_ms() + delay.as_millis() as i64, &message)
                 .await
+                .map(|_| None)
         }
         Err(Failure::Retry { message, .. }) => {
             m.failed.fetch_add(1, Ordering::Relaxed);
             let reason = format!("gave up after {} attempts: {message}", item.attempts);
             tracing::error!(channel = %item.channel_id, event = %item.event_id, %reason, "message dead-lettered");
-            p.store.inbox_dead(item.id, &owner, &reason).await
+            p.store.inbox_dead(item.id, &owner, &reason).await.map(|_| None)
         }
         Err(Failure::Dead(reason)) => {
             m.failed.fetch_add(1, Ordering::Relaxed);
             tracing::error!(channel = %item.channel_id, event = %item.event_id, %reason, "message dead-lettered");
-            p.store.inbox_dead(item.id, &owner, &reason).await
+            p.store.inbox_dead(item.id, &owner, &reason).await.map(|_| None)
         }
     };
     match result {
-        Ok(()) => {}
+        Ok(next) => next,
         Err(StoreError::LeaseLost) => {
-            tracing::warn!(channel = %item.channel_id, event = %item.event_id, "lease lost: another worker has this message")
+            tracing::warn!(channel = %item.channel_id, event = %item.event_id, "lease lost: another worker has this message");
+            None
         }
-        Err(e) => tracing::error!(channel = %item.channel_id, event = %item.event_id, error = %e,
-            "cannot record the outcome; the message will be tried again when its lease expires"),
+        Err(e) => {
+            tracing::error!(channel = %item.channel_id, event = %item.event_id, error = %e,
+                "cannot record the outcome; the message will be tried again when its lease expires");
+            None
+        }
     }
-    // The next message of this conversation may be claimable now.
-    p.inbox_wake.notify_one();
 }
 
 /// Asks the assistant. Answers the inbound and the replies, or why not.
@@ -159,7 +175,7 @@ async fn complete(
     owner: &str,
     inbound: Inbound,
     replies: Vec<Reply>,
-) -> Result<(), StoreError> {
+) -> Result<Option<InboxItem>, StoreError> {
     let waiter = p.take_waiter(&item.channel_id, &item.event_id);
     let now = patchbay_channel_core::now_ms();
     let not_before = if waiter.is_some() { now + INLINE_GRACE.as_millis() as i64 } else { 0 };
@@ -195,7 +211,8 @@ async fn complete(
         route: inbound.route,
         updated_at: now,
     };
-    p.store.inbox_complete(item.id, owner, rows, conversation).await?;
+    let next = p.chain_claim(&item.channel_id);
+    let next = p.store.inbox_complete(item.id, owner, rows, conversation, next).await?;
     if let Some(tx) = waiter {
         if tx.send(replies).is_ok() {
             // Answered inline: the queued copies are not needed.
@@ -206,11 +223,11 @@ async fn complete(
             if !ids.is_empty() {
                 p.store.outbox_cancel(ids).await?;
             }
-            return Ok(());
+            return Ok(next);
         }
     }
     if !ids.is_empty() {
         p.outbox_wake.notify_one();
     }
-    Ok(())
+    Ok(next)
 }

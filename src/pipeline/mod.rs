@@ -16,7 +16,7 @@ pub mod sender;
 
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::store::{Claim, NewInbox, Store};
+use crate::store::{ChainClaim, Claim, NewInbox, Store};
 use async_trait::async_trait;
 use patchbay_channel_core::{
     backoff::Backoff, Accepted, ChannelId, ConversationId, Inbound, Inbox, InboxError, Reply, WaitOutcome,
@@ -149,6 +149,28 @@ impl Pipeline {
             limit,
             paused_channels: self.registry.snapshot().paused_channels(),
         }
+    }
+
+    /// A claim of the next row of a conversation, made when one is finished — unless the
+    /// pipeline is stopping or the channel is paused (disabled).
+    pub(crate) fn chain_claim(&self, channel_id: &str) -> Option<ChainClaim> {
+        if self.stop.is_cancelled() {
+            return None;
+        }
+        let paused = self
+            .registry
+            .snapshot()
+            .channels
+            .get(channel_id)
+            .is_none_or(|c| !c.record.enabled);
+        if paused {
+            return None;
+        }
+        let now = patchbay_channel_core::now_ms();
+        Some(ChainClaim {
+            now,
+            lease_until: now + self.settings.lease.as_millis() as i64,
+        })
     }
 
     pub(crate) fn take_waiter(&self, channel: &str, event_id: &str) -> Option<oneshot::Sender<Vec<Reply>>> {

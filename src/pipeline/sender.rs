@@ -24,14 +24,25 @@ pub async fn run(p: Arc<Pipeline>) {
     .await
 }
 
+/// Delivers a claimed reply and then, holding the same slot, each next reply of its
+/// conversation that the completion claimed along (see `Store::outbox_done`).
 async fn deliver(p: Arc<Pipeline>, item: OutboxItem, owner: String) {
+    let mut current = Some(item);
+    while let Some(item) = current.take() {
+        current = deliver_one(&p, item, &owner).await;
+    }
+    p.outbox_wake.notify_one();
+}
+
+async fn deliver_one(p: &Arc<Pipeline>, item: OutboxItem, owner: &str) -> Option<OutboxItem> {
+    let owner = owner.to_owned();
     let m = p.metrics.channel(&item.channel_id);
     let now = patchbay_channel_core::now_ms;
     let mut reply: OutboundReply = match serde_json::from_str(&item.payload) {
         Ok(r) => r,
         Err(e) => {
             let _ = p.store.outbox_dead(item.id, &owner, &format!("the stored reply cannot be read: {e}")).await;
-            return;
+            return None;
         }
     };
     reply.attempt = item.attempts;
@@ -56,7 +67,7 @@ async fn deliver(p: Arc<Pipeline>, item: OutboxItem, owner: String) {
                     s.set_state(ChannelState::Ready);
                 }
             }
-            p.store.outbox_done(item.id, &owner).await
+            p.store.outbox_done(item.id, &owner, p.chain_claim(&item.channel_id)).await
         }
         Err(e) => {
             let (retry_at, message) = match &e {
@@ -86,6 +97,7 @@ async fn deliver(p: Arc<Pipeline>, item: OutboxItem, owner: String) {
                     p.store
                         .outbox_release(item.id, &owner, now() + delay.as_millis() as i64, &message)
                         .await
+                        .map(|_| None)
                 }
                 _ => {
                     m.failed.fetch_add(1, Ordering::Relaxed);
@@ -95,18 +107,21 @@ async fn deliver(p: Arc<Pipeline>, item: OutboxItem, owner: String) {
                         message
                     };
                     tracing::error!(channel = %item.channel_id, reply = %item.reply_id, %reason, "reply dead-lettered");
-                    p.store.outbox_dead(item.id, &owner, &reason).await
+                    p.store.outbox_dead(item.id, &owner, &reason).await.map(|_| None)
                 }
             }
         }
     };
     match outcome {
-        Ok(()) => {}
+        Ok(next) => next,
         Err(StoreError::LeaseLost) => {
-            tracing::warn!(channel = %item.channel_id, reply = %item.reply_id, "lease lost: another worker has this reply")
+            tracing::warn!(channel = %item.channel_id, reply = %item.reply_id, "lease lost: another worker has this reply");
+            None
         }
-        Err(e) => tracing::error!(channel = %item.channel_id, reply = %item.reply_id, error = %e,
-            "cannot record the delivery outcome; it will be tried again when its lease expires"),
+        Err(e) => {
+            tracing::error!(channel = %item.channel_id, reply = %item.reply_id, error = %e,
+                "cannot record the delivery outcome; it will be tried again when its lease expires");
+            None
+        }
     }
-    p.outbox_wake.notify_one();
 }

@@ -170,6 +170,13 @@ pub struct Claim {
     pub paused_channels: Vec<String>,
 }
 
+/// Claiming the next row of the same conversation when one is finished.
+#[derive(Clone, Copy, Debug)]
+pub struct ChainClaim {
+    pub now: i64,
+    pub lease_until: i64,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Queue {
@@ -228,14 +235,17 @@ pub trait Store: Send + Sync + 'static {
     /// within the dedupe window (`dedupe_until` is when this sighting expires).
     async fn inbox_put(&self, items: Vec<NewInbox>, dedupe_until: i64) -> StoreResult<Vec<Accepted>>;
     async fn inbox_claim(&self, claim: Claim) -> StoreResult<Vec<InboxItem>>;
-    /// Removes the answered message and queues its replies, atomically.
+    /// Removes the answered message and queues its replies, atomically. With `next`, the
+    /// same commit claims the next message of the conversation (when it is due and free)
+    /// under the same owner, so a busy conversation does not wait for a new claim round.
     async fn inbox_complete(
         &self,
         id: i64,
         owner: &str,
         replies: Vec<NewOutbox>,
         conversation: ConversationRecord,
-    ) -> StoreResult<()>;
+        next: Option<ChainClaim>,
+    ) -> StoreResult<Option<InboxItem>>;
     /// Gives the message back for another attempt no sooner than `next_at`.
     async fn inbox_release(&self, id: i64, owner: &str, next_at: i64, error: &str) -> StoreResult<()>;
     async fn inbox_dead(&self, id: i64, owner: &str, reason: &str) -> StoreResult<()>;
@@ -244,7 +254,9 @@ pub trait Store: Send + Sync + 'static {
     /// Queues replies; a reply id already queued or delivered is not queued again.
     async fn outbox_put(&self, replies: Vec<NewOutbox>) -> StoreResult<usize>;
     async fn outbox_claim(&self, claim: Claim) -> StoreResult<Vec<OutboxItem>>;
-    async fn outbox_done(&self, id: i64, owner: &str) -> StoreResult<()>;
+    /// Removes the delivered reply; with `next`, claims the conversation's next reply in
+    /// the same commit (as [`Store::inbox_complete`]).
+    async fn outbox_done(&self, id: i64, owner: &str, next: Option<ChainClaim>) -> StoreResult<Option<OutboxItem>>;
     /// Removes a reply that was delivered another way (an inline answer).
     async fn outbox_cancel(&self, reply_ids: Vec<String>) -> StoreResult<()>;
     async fn outbox_release(&self, id: i64, owner: &str, next_at: i64, error: &str) -> StoreResult<()>;

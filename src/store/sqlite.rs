@@ -247,6 +247,41 @@ const CLAIM_OUTBOX: &str = "
         ORDER BY a.id LIMIT ?5)
     RETURNING id, reply_id, channel_id, payload, attempts, received_at";
 
+const CHAIN_INBOX: &str = "
+    UPDATE inbox SET lease_owner = ?1, lease_until = ?2, attempts = attempts + 1
+    WHERE id = (SELECT min(id) FROM inbox WHERE conversation_id = ?3)
+      AND next_at <= ?4 AND lease_until <= ?4
+    RETURNING id, channel_id, event_id, conversation_id, payload, attempts, received_at";
+
+const CHAIN_OUTBOX: &str = "
+    UPDATE outbox SET lease_owner = ?1, lease_until = ?2, attempts = attempts + 1
+    WHERE id = (SELECT min(id) FROM outbox WHERE conversation_id = ?3)
+      AND next_at <= ?4 AND lease_until <= ?4
+    RETURNING id, reply_id, channel_id, payload, attempts, received_at";
+
+fn inbox_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InboxItem> {
+    Ok(InboxItem {
+        id: r.get(0)?,
+        channel_id: r.get(1)?,
+        event_id: r.get(2)?,
+        conversation_id: r.get(3)?,
+        payload: r.get(4)?,
+        attempts: r.get(5)?,
+        received_at: r.get(6)?,
+    })
+}
+
+fn outbox_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxItem> {
+    Ok(OutboxItem {
+        id: r.get(0)?,
+        reply_id: r.get(1)?,
+        channel_id: r.get(2)?,
+        payload: r.get(3)?,
+        attempts: r.get(4)?,
+        received_at: r.get(5)?,
+    })
+}
+
 fn move_to_dead(conn: &Connection, queue: Queue, id: i64, owner: &str, reason: &str) -> StoreResult<()> {
     let (table, key) = match queue {
         Queue::Inbox => ("inbox", "event_id"),
@@ -583,17 +618,7 @@ impl Store for SqliteStore {
             let rows = stmt
                 .query_map(
                     params![claim.owner, claim.lease_until, claim.now, paused_json(&claim), claim.limit as i64],
-                    |r| {
-                        Ok(InboxItem {
-                            id: r.get(0)?,
-                            channel_id: r.get(1)?,
-                            event_id: r.get(2)?,
-                            conversation_id: r.get(3)?,
-                            payload: r.get(4)?,
-                            attempts: r.get(5)?,
-                            received_at: r.get(6)?,
-                        })
-                    },
+                    inbox_row,
                 )
                 .map_err(db)?
                 .collect::<Result<Vec<_>, _>>()
@@ -609,7 +634,8 @@ impl Store for SqliteStore {
         owner: &str,
         replies: Vec<NewOutbox>,
         conversation: ConversationRecord,
-    ) -> StoreResult<()> {
+        next: Option<ChainClaim>,
+    ) -> StoreResult<Option<InboxItem>> {
         let owner = owner.to_owned();
         self.run(move |c| {
             let n = c
@@ -620,7 +646,14 @@ impl Store for SqliteStore {
                 return Err(StoreError::LeaseLost);
             }
             insert_outbox(c, &replies)?;
-            upsert_conversation(c, &conversation)
+            upsert_conversation(c, &conversation)?;
+            let Some(next) = next else { return Ok(None) };
+            c.prepare_cached(CHAIN_INBOX)
+                .and_then(|mut s| {
+                    s.query_row(params![owner, next.lease_until, conversation.id, next.now], inbox_row)
+                        .optional()
+                })
+                .map_err(db)
         })
         .await
     }
@@ -645,16 +678,7 @@ impl Store for SqliteStore {
             let rows = stmt
                 .query_map(
                     params![claim.owner, claim.lease_until, claim.now, paused_json(&claim), claim.limit as i64],
-                    |r| {
-                        Ok(OutboxItem {
-                            id: r.get(0)?,
-                            reply_id: r.get(1)?,
-                            channel_id: r.get(2)?,
-                            payload: r.get(3)?,
-                            attempts: r.get(4)?,
-                            received_at: r.get(5)?,
-                        })
-                    },
+                    outbox_row,
                 )
                 .map_err(db)?
                 .collect::<Result<Vec<_>, _>>()
@@ -664,17 +688,23 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn outbox_done(&self, id: i64, owner: &str) -> StoreResult<()> {
+    async fn outbox_done(&self, id: i64, owner: &str, next: Option<ChainClaim>) -> StoreResult<Option<OutboxItem>> {
         let owner = owner.to_owned();
         self.run(move |c| {
-            let n = c
-                .prepare_cached("DELETE FROM outbox WHERE id = ?1 AND lease_owner = ?2")
-                .and_then(|mut s| s.execute(params![id, owner]))
+            let conversation: Option<String> = c
+                .prepare_cached("DELETE FROM outbox WHERE id = ?1 AND lease_owner = ?2 RETURNING conversation_id")
+                .and_then(|mut s| s.query_row(params![id, owner], |r| r.get(0)).optional())
                 .map_err(db)?;
-            if n == 0 {
+            let Some(conversation) = conversation else {
                 return Err(StoreError::LeaseLost);
-            }
-            Ok(())
+            };
+            let Some(next) = next else { return Ok(None) };
+            c.prepare_cached(CHAIN_OUTBOX)
+                .and_then(|mut s| {
+                    s.query_row(params![owner, next.lease_until, conversation, next.now], outbox_row)
+                        .optional()
+                })
+                .map_err(db)
         })
         .await
     }
