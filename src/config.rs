@@ -156,6 +156,10 @@ impl Config {
             let demo = serde_json::json!({"kind": "loopback", "assistant": "echo", "enabled": true});
             self.assistants.insert("echo".into(), echo.as_object().cloned().unwrap_or_default());
             self.channels.insert("demo".into(), demo.as_object().cloned().unwrap_or_default());
+            // The built-in web chat, so a fresh `patchbay serve` is something to try in a
+            // browser: /chat opens it.
+            let chat = serde_json::json!({"kind": "webchat", "assistant": "echo", "enabled": true, "title": "patchbay echo"});
+            self.channels.insert("chat".into(), chat.as_object().cloned().unwrap_or_default());
         }
     }
 }

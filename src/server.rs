@@ -116,6 +116,8 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(metrics_page))
             .route("/docs", web::get().to(admin::openapi::page))
+            .route("/chat", web::get().to(chat_page))
+            .route("/chat/{channel}", web::get().to(chat_page))
     })
     .workers(workers)
     .disable_signals()
@@ -128,6 +130,11 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken
 
     tracing::info!(url = %public_url, "patchbay is listening");
     println!("patchbay listening on http://{local}");
+    if let Some(url) = chat_url(&registry, None) {
+        // The public URL of the chat page: what a person opens to try it.
+        let short = format!("{public_url}/chat");
+        println!("  chat: {short} (opens {url})");
+    }
     for c in registry.snapshot().channels.values() {
         println!(
             "  channel {} ({}, {}): {}",
@@ -153,6 +160,32 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The web chat's address for `channel` (or the first enabled web chat channel), if any.
+pub fn chat_url(registry: &Registry, channel: Option<&str>) -> Option<String> {
+    let snap = registry.snapshot();
+    let entry = match channel {
+        Some(id) => snap.channels.get(id).filter(|c| c.record.kind == "webchat"),
+        None => snap.channels.values().find(|c| c.record.kind == "webchat" && c.record.enabled),
+    }?;
+    Some(format!("{}/chat", entry.callback_url))
+}
+
+/// `GET /chat[/{channel}]`: sends the browser to that web chat channel's page.
+async fn chat_page(req: actix_web::HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let channel = req.match_info().get("channel");
+    match chat_url(&state.registry, channel) {
+        Some(url) => {
+            // Relative to this server, so it works whatever name the browser used.
+            let path = url.strip_prefix(&state.public_url).unwrap_or(&url).to_owned();
+            HttpResponse::Found().insert_header(("Location", path)).finish()
+        }
+        None => HttpResponse::NotFound().content_type("text/html; charset=utf-8").body(match channel {
+            Some(_) => "<!doctype html><title>Chat</title><p>There is no web chat channel of that name.</p>",
+            None => "<!doctype html><title>Chat</title><p>No web chat channel is enabled. Add one with <code>kind = \"webchat\"</code>.</p>",
+        }),
+    }
 }
 
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
