@@ -331,3 +331,29 @@ async fn a_typing_indicator_shows_in_the_thread_while_the_assistant_works() {
     let typing = w.mm.typing();
     assert!(typing.iter().any(|(u, c, p)| *u == w.bot_id && *c == root.channel_id && *p == root.id), "{typing:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_are_retried_on_replies_and_on_reconnect() {
+    let w = start("typing_indicator = false").await;
+    w.mm.script_rest(vec![503, 502]);
+    w.mm.user_posts("alice", "town-square", "@helpdesk hello", None).await;
+    w.wait_replies("town-square", 1).await;
+    let posts: Vec<u16> = w.mm.rest_requests().into_iter().filter(|r| r.method == "POST" && r.path == "/api/v4/posts").map(|r| r.status).collect();
+    assert_eq!(posts, [503, 502, 201]);
+
+    // users/me fails on the next connection: the connector tries again.
+    w.mm.script_rest(vec![500]);
+    w.mm.ws_drop();
+    eventually(T, "reconnected after a 500", || async {
+        let st = w.status().await;
+        (st["state"] == "connected" && w.mm.ws_connects().len() >= 2).then_some(())
+    })
+    .await;
+    let st = w.status().await;
+    assert!(st["reconnects"].as_u64().unwrap() >= 2, "{st}");
+    assert!(st["last_error"]["message"].as_str().unwrap().contains("500"), "{st}");
+    w.mm.user_posts("alice", "town-square", "@helpdesk again", None).await;
+    w.wait_replies("town-square", 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(w.replies_in("town-square").len(), 2);
+}
