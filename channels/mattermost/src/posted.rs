@@ -90,7 +90,7 @@ impl Rules {
         if w.channel_type == "D" {
             return true;
         }
-        let team_ok = self.teams.is_empty() || w.team_id.is_empty() || self.teams.iter().any(|t| *t == w.team_id);
+        let team_ok = self.teams.is_empty() || w.team_id.is_empty() || self.teams.contains(&w.team_id);
         let channel_ok = self.channels.is_empty() || self.channels.iter().any(|c| c == channel_id || *c == w.channel_name);
         team_ok && channel_ok
     }

@@ -196,7 +196,7 @@ impl Rest {
                 break;
             }
         }
-        all.sort_by(|a: &Post, b: &Post| a.create_at.cmp(&b.create_at));
+        all.sort_by_key(|p: &Post| p.create_at);
         all.dedup_by(|a, b| a.id == b.id);
         Ok(all)
     }
@@ -206,7 +206,7 @@ impl Rest {
     pub async fn posts_since(&self, channel_id: &str, since_ms: i64) -> Result<Vec<Post>, RestError> {
         let list: PostList = self.json(&format!("channels/{channel_id}/posts"), &[("since", since_ms.to_string())]).await?;
         let mut posts: Vec<Post> = in_order(list).into_iter().filter(|p| p.create_at >= since_ms).collect();
-        posts.sort_by(|a, b| a.create_at.cmp(&b.create_at));
+        posts.sort_by_key(|p| p.create_at);
         Ok(posts)
     }
 
