@@ -4,8 +4,11 @@
 //! restart, and the operational endpoints (/healthz, /readyz, /metrics, OpenAPI, /docs).
 
 mod common;
+#[path = "common/recorder.rs"]
+mod recorder;
 
 use common::*;
+use recorder::*;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::time::Duration;
@@ -407,7 +410,7 @@ async fn bad_input_on_assistants_names_the_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channel_lifecycle_through_the_api() {
-    let receiver = Receiver::start().await;
+    let receiver = Fake::start().await;
     let pb = Patchbay::start(&base_config(""));
 
     // Create: disabled until the admin enables it, with the callback URL to paste.
@@ -457,14 +460,14 @@ async fn channel_lifecycle_through_the_api() {
     let (s, r) = send(&hook1, "m2", "c1", "after enabling").await;
     assert_eq!((s, &r["accepted"]), (200, &json!(true)), "{r}");
     eventually(WITHIN, "the reply to m2 delivered", || async {
-        receiver.received().iter().any(|r| r["reply"]["text"] == "echo: after enabling").then_some(())
+        receiver.ok().iter().any(|r| r["reply"]["text"] == "echo: after enabling").then_some(())
     })
     .await;
     eventually(WITHIN, "the delivered counter", || async {
         (metric(&metrics_text(&pb).await, "patchbay_replies_delivered_total", "life") == Some(1.0)).then_some(())
     })
     .await;
-    let got = receiver.received();
+    let got = receiver.ok();
     assert_eq!(got.len(), 1, "only the message sent while enabled was answered: {got:?}");
     assert_eq!(got[0]["channel_id"], "life", "{got:?}");
 
@@ -481,10 +484,10 @@ async fn channel_lifecycle_through_the_api() {
     let (s, r) = send(&hook2, "m4", "c1", "to the new hook").await;
     assert_eq!((s, &r["accepted"]), (200, &json!(true)), "{r}");
     eventually(WITHIN, "the reply to m4 delivered", || async {
-        receiver.received().iter().any(|r| r["reply"]["text"] == "echo: to the new hook").then_some(())
+        receiver.ok().iter().any(|r| r["reply"]["text"] == "echo: to the new hook").then_some(())
     })
     .await;
-    assert!(!receiver.received().iter().any(|r| r["reply"]["text"] == "echo: to the old hook"));
+    assert!(!receiver.ok().iter().any(|r| r["reply"]["text"] == "echo: to the old hook"));
 
     // Disable: seen by the very next request.
     let (s, v) = pb.admin("PATCH", "/api/v1/channels/life", Some(json!({"enabled": false}))).await;
@@ -510,7 +513,7 @@ async fn channel_lifecycle_through_the_api() {
     assert_eq!(s, 201, "{v}");
     assert_ne!(v["callback_url"], hook2.as_str(), "a new channel gets a new hook id");
 
-    assert!(!receiver.received().iter().any(|r| r["reply"]["text"] == "echo: sent while disabled"
+    assert!(!receiver.ok().iter().any(|r| r["reply"]["text"] == "echo: sent while disabled"
         || r["reply"]["text"] == "echo: after disabling"));
     receiver.stop().await;
 }
@@ -676,7 +679,7 @@ async fn secrets_are_write_only_and_sealed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_is_the_truth_for_enabled_across_restarts() {
-    let receiver = Receiver::start().await;
+    let receiver = Fake::start().await;
     let config = format!(
         r#"
 [assistants.echo]
@@ -738,17 +741,17 @@ deliver_url = "{url}"
         assert_eq!((s, &r["accepted"]), (200, &json!(true)), "{r}");
         let want = format!("echo: to the enabled one {round}");
         eventually(WITHIN, "the enabled channel answers", || async {
-            receiver.received().iter().any(|r| r["reply"]["text"] == want.as_str()).then_some(())
+            receiver.ok().iter().any(|r| r["reply"]["text"] == want.as_str()).then_some(())
         })
         .await;
     }
-    assert!(!receiver.received().iter().any(|r| r["channel_id"] == "on-in-config"), "{:?}", receiver.received());
+    assert!(!receiver.ok().iter().any(|r| r["channel_id"] == "on-in-config"), "{:?}", receiver.ok());
     receiver.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_metrics_openapi_and_docs() {
-    let receiver = Receiver::start().await;
+    let receiver = Fake::start().await;
     let pb = Patchbay::start(&loopback_config("mx", &receiver.url));
 
     // Liveness and readiness need no token.
@@ -777,7 +780,7 @@ async fn health_readiness_metrics_openapi_and_docs() {
     let hook = pb.callback_url("mx").await;
     assert_eq!(send(&hook, "e1", "c", "count me").await.1["duplicate"], false);
     assert_eq!(send(&hook, "e1", "c", "count me").await.1["duplicate"], true);
-    eventually(WITHIN, "the reply delivered", || async { (!receiver.received().is_empty()).then_some(()) }).await;
+    eventually(WITHIN, "the reply delivered", || async { (!receiver.ok().is_empty()).then_some(()) }).await;
 
     // Every per-channel counter and histogram named in src/metrics.rs is on /metrics.
     let src = include_str!("../src/metrics.rs");

@@ -3,8 +3,11 @@
 //! exact key that is wrong (and `serve` refusing the same config).
 
 mod common;
+#[path = "common/recorder.rs"]
+mod recorder;
 
 use common::*;
+use recorder::*;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -196,7 +199,7 @@ deliver_url = "{deliver_url}"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_lists_shows_and_toggles_channels() {
-    let receiver = Receiver::start().await;
+    let receiver = Fake::start().await;
     let pb = Patchbay::start(&cli_config(&receiver.url));
     let (s, v) = pb.admin("POST", "/api/v1/channels", Some(json!({"id": "from-api", "kind": "loopback", "assistant": "echo"}))).await;
     assert_eq!(s, 201, "{v}");
@@ -273,10 +276,10 @@ async fn cli_lists_shows_and_toggles_channels() {
     assert!(pb.cli(&["channels", "enable", "delivering"]).status.success());
     assert_eq!(send(&d_hook, "d2", "c", "while on").await.1["accepted"], true);
     eventually(WITHIN, "the reply delivered after enable", || async {
-        receiver.received().iter().any(|r| r["reply"]["text"] == "echo: while on").then_some(())
+        receiver.ok().iter().any(|r| r["reply"]["text"] == "echo: while on").then_some(())
     })
     .await;
-    assert!(!receiver.received().iter().any(|r| r["reply"]["text"] == "echo: while off"));
+    assert!(!receiver.ok().iter().any(|r| r["reply"]["text"] == "echo: while off"));
 
     // Errors: unknown channel, wrong token, nothing listening.
     for args in [&["channels", "show", "nope"][..], &["channels", "disable", "nope"], &["channels", "enable", "nope"]] {
@@ -339,7 +342,7 @@ async fn cli_disable_survives_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn doctor_reports_each_channel() {
-    let receiver = Receiver::start().await;
+    let receiver = Fake::start().await;
     // `cfg` keeps replies in memory (no deliver_url): nothing to check, so it is fine.
     let pb = Patchbay::start(&cli_config(&receiver.url));
     let out = pb.cli(&["doctor"]);

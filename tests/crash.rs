@@ -7,8 +7,11 @@
 //! reports how many it saw.
 
 mod common;
+#[path = "common/recorder.rs"]
+mod recorder;
 
 use common::*;
+use recorder::*;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,7 +21,7 @@ const MAX_PER_SENDER: usize = 400;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_messages_survive_sigkill() {
-    let receiver = Receiver::start().await;
+    let receiver = Fake::start().await;
     // A short lease: the messages the killed process had claimed are taken up again when
     // their lease expires (another replica would do the same).
     let config = format!("[pipeline]\nlease_secs = 5\n{}", loopback_config("crash", &receiver.url));
@@ -55,7 +58,7 @@ async fn acknowledged_messages_survive_sigkill() {
 
     // Kill once a good part of the load is acknowledged and replies are flowing.
     eventually(Duration::from_secs(60), "load under way", || async {
-        (acked.lock().unwrap().len() >= 1500 && receiver.received().len() >= 100).then_some(())
+        (acked.lock().unwrap().len() >= 1500 && receiver.ok().len() >= 100).then_some(())
     })
     .await;
     pb.kill();
@@ -64,7 +67,7 @@ async fn acknowledged_messages_survive_sigkill() {
         let _ = t.await;
     }
     let acked: Vec<(usize, usize)> = acked.lock().unwrap().clone();
-    let delivered_before_restart = receiver.received().len();
+    let delivered_before_restart = receiver.ok().len();
 
     pb.start_again();
 
@@ -72,7 +75,7 @@ async fn acknowledged_messages_survive_sigkill() {
     let want: HashSet<String> = acked.iter().map(|(s, n)| format!("echo: s{s}-m{n}")).collect();
     eventually(Duration::from_secs(120), "every acknowledged message answered after the restart", || async {
         let got: HashSet<String> = receiver
-            .received()
+            .ok()
             .iter()
             .filter_map(|r| r["reply"]["text"].as_str().map(str::to_owned))
             .collect();
@@ -80,7 +83,7 @@ async fn acknowledged_messages_survive_sigkill() {
     })
     .await;
 
-    let received = receiver.received();
+    let received = receiver.ok();
     let mut by_id: HashMap<String, usize> = HashMap::new();
     let mut text_of_id: HashMap<String, String> = HashMap::new();
     for r in &received {

@@ -3,8 +3,8 @@
 //! them as `posted` events); replies are the bot's posts.
 
 mod common;
-#[path = "support/mod.rs"]
-mod support;
+#[path = "common/recorder.rs"]
+mod recorder;
 
 use common::fake_mattermost::{FakeMattermost, Post};
 use common::*;
@@ -322,8 +322,8 @@ async fn bad_settings_name_the_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_typing_indicator_shows_in_the_thread_while_the_assistant_works() {
-    let assistant = support::Fake::start().await;
-    assistant.push(support::Answer::json(200, json!({"replies": [{"text": "done"}]})).delay(Duration::from_millis(1500)));
+    let assistant = recorder::Fake::start().await;
+    assistant.push(recorder::Answer::json(200, json!({"replies": [{"text": "done"}]})).delay(Duration::from_millis(1500)));
     let toml = format!("[assistants.slow]\nbackend = \"webhook\"\nurl = \"{}\"\nsecret = \"0123456789abcdef0123456789abcdef\"\n", assistant.url);
     let w = start_with(&toml, "slow", "").await;
     let root = w.mm.user_posts("alice", "town-square", "@helpdesk think hard", None).await.post;

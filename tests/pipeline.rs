@@ -9,14 +9,15 @@
 //! - graceful shutdown (SIGTERM) under load loses nothing and repeats nothing.
 
 mod common;
-mod support;
+#[path = "common/recorder.rs"]
+mod recorder;
 
 use common::*;
+use recorder::*;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use support::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -29,19 +30,6 @@ fn config(max_attempts: u32, channels: &[(&str, &str)]) -> String {
         ));
     }
     c
-}
-
-async fn dead_letters(pb: &Patchbay) -> Vec<Value> {
-    let (status, v) = pb.admin("GET", "/api/v1/dead-letters", None).await;
-    assert_eq!(status, 200, "{v}");
-    v["dead_letters"].as_array().cloned().unwrap_or_default()
-}
-
-async fn wait_delivered(rx: &Fake, text: &str) {
-    eventually(WAIT, &format!("`{text}` delivered"), || async {
-        rx.delivered_texts().iter().any(|t| t == text).then_some(())
-    })
-    .await;
 }
 
 fn accepted(v: &Value, duplicate: bool) {

@@ -4,12 +4,13 @@
 //! restart) and goes out when it is enabled again.
 
 mod common;
-mod support;
+#[path = "common/recorder.rs"]
+mod recorder;
 
 use common::*;
+use recorder::*;
 use serde_json::{json, Value};
 use std::time::Duration;
-use support::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 /// DESIGN.md: a toggle starts/stops the channel's connector within a second.

@@ -5,15 +5,16 @@
 //! or dead-lettered.
 
 mod common;
-mod support;
+#[path = "common/recorder.rs"]
+mod recorder;
 
 use common::*;
+use recorder::*;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use support::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 const SECRET: &str = "s3cret-for-signing-0123456789";
@@ -81,19 +82,6 @@ fn verify_signature(hit: &Hit) {
         "{:?}",
         hit.headers
     );
-}
-
-async fn dead_letters(pb: &Patchbay) -> Vec<Value> {
-    let (status, v) = pb.admin("GET", "/api/v1/dead-letters", None).await;
-    assert_eq!(status, 200, "{v}");
-    v["dead_letters"].as_array().cloned().unwrap_or_default()
-}
-
-async fn wait_delivered(rx: &Fake, text: &str) {
-    eventually(WAIT, &format!("`{text}` delivered"), || async {
-        rx.delivered_texts().iter().any(|t| t == text).then_some(())
-    })
-    .await;
 }
 
 async fn push(pb: &Patchbay, conversation: &str, key: Option<&str>, text: &str) -> (u16, Value) {

@@ -1,12 +1,28 @@
-//! Test support: the real `patchbay` binary in a temporary directory, its admin API, and a
-//! receiver that plays the platform a loopback channel delivers to.
+//! Test support shared by every end-to-end test: the real `patchbay` binary in a temporary
+//! directory (`Patchbay`: its admin API, CLI, stdout banner and stderr), and small helpers
+//! (`http`, `send`, `eventually`, `loopback_config`, `fast_pipeline`, `dead_letters`).
+//!
+//! The rest of the support lives next to this file and is declared only by the test files
+//! that use it, so that other test binaries do not compile it:
+//!
+//! ```ignore
+//! mod common;
+//! #[path = "common/recorder.rs"]
+//! mod recorder; // Fake: a recording, scriptable HTTP endpoint (platform or assistant webhook)
+//! #[path = "common/webchat.rs"]
+//! mod webchat; // the web chat's HTTP and WebSocket client
+//! #[path = "common/browser.rs"]
+//! mod browser; // headless Chromium and a TCP proxy that can cut connections
+//! #[path = "common/fake_mattermost.rs"]
+//! mod fake_mattermost; // a fake Mattermost server
+//! ```
+//!
+//! `recorder` and `webchat` use this module as `crate::common`.
 #![allow(dead_code)]
 
 pub mod fake_mattermost;
 
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use serde_json::Value;
-use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -15,12 +31,25 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_patchbay");
 
+/// How long stdout must stay quiet before `Patchbay::banner` answers.
+const BANNER_QUIET: Duration = Duration::from_millis(500);
+
+/// What the current run printed on stdout, and when its last line came.
+#[derive(Default)]
+struct Stdout {
+    lines: Vec<String>,
+    last: Option<Instant>,
+}
+
 /// A running patchbay, its directory (config, database, keys) and its address.
 pub struct Patchbay {
     pub dir: tempfile::TempDir,
     child: Option<Child>,
     pub url: String,
     pub token: String,
+    /// Whether it runs with `--config patchbay.toml` (else: no config file at all).
+    config: bool,
+    stdout: Arc<Mutex<Stdout>>,
     stderr_log: PathBuf,
     envs: Vec<(String, String)>,
 }
@@ -33,14 +62,28 @@ impl Patchbay {
     }
 
     pub fn start_with_env(config: &str, envs: &[(&str, &str)]) -> Patchbay {
+        Self::launch(Some(config), envs)
+    }
+
+    /// Starts `patchbay serve` in a fresh directory with no config file at all (the embedded
+    /// default).
+    pub fn start_without_config() -> Patchbay {
+        Self::launch(None, &[])
+    }
+
+    fn launch(config: Option<&str>, envs: &[(&str, &str)]) -> Patchbay {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("patchbay.toml"), config).expect("write config");
+        if let Some(config) = config {
+            std::fs::write(dir.path().join("patchbay.toml"), config).expect("write config");
+        }
         let mut pb = Patchbay {
             stderr_log: dir.path().join("stderr.log"),
             dir,
             child: None,
             url: String::new(),
             token: String::new(),
+            config: config.is_some(),
+            stdout: Arc::default(),
             envs: envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         pb.spawn();
@@ -51,6 +94,15 @@ impl Patchbay {
         self.dir.path()
     }
 
+    /// `--config patchbay.toml` when started with a config, else nothing.
+    fn config_args(&self) -> &'static [&'static str] {
+        if self.config {
+            &["--config", "patchbay.toml"]
+        } else {
+            &[]
+        }
+    }
+
     fn spawn(&mut self) {
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -59,7 +111,8 @@ impl Patchbay {
             .expect("stderr log");
         let mut cmd = Command::new(BIN);
         cmd.current_dir(self.dir.path())
-            .args(["--config", "patchbay.toml", "serve", "--bind", "127.0.0.1:0"])
+            .args(self.config_args())
+            .args(["serve", "--bind", "127.0.0.1:0"])
             .env_remove("RUST_LOG")
             .env("PATCHBAY_TEST", "1")
             .stdin(Stdio::null())
@@ -70,6 +123,9 @@ impl Patchbay {
         }
         let mut child = cmd.spawn().expect("spawn patchbay");
         let stdout = child.stdout.take().expect("stdout");
+        // Every run keeps its own lines: the banner is this run's.
+        self.stdout = Arc::default();
+        let lines = self.stdout.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut sent = false;
@@ -80,6 +136,9 @@ impl Patchbay {
                         sent = true;
                     }
                 }
+                let mut out = lines.lock().unwrap();
+                out.lines.push(line);
+                out.last = Some(Instant::now());
             }
         });
         match rx.recv_timeout(Duration::from_secs(60)) {
@@ -93,6 +152,20 @@ impl Patchbay {
         self.token = std::fs::read_to_string(self.dir.path().join("data/admin.token"))
             .map(|t| t.trim().to_owned())
             .unwrap_or_default();
+    }
+
+    /// The lines this run printed on stdout: the listening line, then the chat and channel
+    /// lines printed right after it. Waits until stdout has been quiet for half a second.
+    pub fn banner(&self) -> Vec<String> {
+        loop {
+            {
+                let out = self.stdout.lock().unwrap();
+                if out.last.is_some_and(|t| t.elapsed() >= BANNER_QUIET) {
+                    return out.lines.clone();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn stderr(&self) -> String {
@@ -171,8 +244,7 @@ impl Patchbay {
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(BIN)
             .current_dir(self.dir.path())
-            .arg("--config")
-            .arg("patchbay.toml")
+            .args(self.config_args())
             .args(args)
             .arg("--url")
             .arg(&self.url)
@@ -228,95 +300,18 @@ where
     }
 }
 
-/// What the receiver answers to the next deliveries (then 200 for the rest).
-#[derive(Clone, Debug)]
-pub struct Scripted {
-    pub status: u16,
-    pub retry_after: Option<u64>,
-    pub body: &'static str,
+/// Fast retries for tests.
+pub fn fast_pipeline(max_attempts: u32) -> String {
+    format!(
+        "[pipeline]\nretry_initial_ms = 50\nretry_max_ms = 200\nmax_attempts = {max_attempts}\npoll_interval_ms = 50\n"
+    )
 }
 
-/// An HTTP endpoint that records what is POSTed to it (the platform a loopback channel
-/// delivers to, or an assistant's webhook), answering from a script first.
-pub struct Receiver {
-    pub url: String,
-    pub received: Arc<Mutex<Vec<Value>>>,
-    pub attempts: Arc<Mutex<Vec<(Value, u16)>>>,
-    pub script: Arc<Mutex<VecDeque<Scripted>>>,
-    handle: actix_web::dev::ServerHandle,
-}
-
-#[derive(Clone)]
-struct ReceiverState {
-    received: Arc<Mutex<Vec<Value>>>,
-    attempts: Arc<Mutex<Vec<(Value, u16)>>>,
-    script: Arc<Mutex<VecDeque<Scripted>>>,
-}
-
-async fn receive(req: HttpRequest, body: web::Bytes, state: web::Data<ReceiverState>) -> HttpResponse {
-    let _ = req;
-    let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let next = state.script.lock().unwrap().pop_front();
-    match next {
-        Some(s) => {
-            state.attempts.lock().unwrap().push((value, s.status));
-            let mut resp = HttpResponse::build(actix_web::http::StatusCode::from_u16(s.status).unwrap());
-            if let Some(ra) = s.retry_after {
-                resp.insert_header(("Retry-After", ra.to_string()));
-            }
-            resp.body(s.body)
-        }
-        None => {
-            state.attempts.lock().unwrap().push((value.clone(), 200));
-            state.received.lock().unwrap().push(value);
-            HttpResponse::Ok().finish()
-        }
-    }
-}
-
-impl Receiver {
-    pub async fn start() -> Receiver {
-        let state = ReceiverState {
-            received: Default::default(),
-            attempts: Default::default(),
-            script: Default::default(),
-        };
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}/deliver", listener.local_addr().unwrap());
-        let data = web::Data::new(state.clone());
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(data.clone())
-                .route("/deliver", web::post().to(receive))
-                .route("/deliver", web::head().to(HttpResponse::Ok))
-        })
-        .workers(1)
-        .disable_signals()
-        .listen(listener)
-        .unwrap()
-        .run();
-        let handle = server.handle();
-        tokio::spawn(server);
-        Receiver {
-            url,
-            received: state.received,
-            attempts: state.attempts,
-            script: state.script,
-            handle,
-        }
-    }
-
-    pub fn push_script(&self, s: Scripted) {
-        self.script.lock().unwrap().push_back(s);
-    }
-
-    pub fn received(&self) -> Vec<Value> {
-        self.received.lock().unwrap().clone()
-    }
-
-    pub async fn stop(self) {
-        self.handle.stop(false).await;
-    }
+/// The dead letters, from the admin API.
+pub async fn dead_letters(pb: &Patchbay) -> Vec<Value> {
+    let (status, v) = pb.admin("GET", "/api/v1/dead-letters", None).await;
+    assert_eq!(status, 200, "{v}");
+    v["dead_letters"].as_array().cloned().unwrap_or_default()
 }
 
 /// A config with a loopback channel `name` delivering to `deliver_url` and the echo assistant.

@@ -1,7 +1,8 @@
-//! More test support for the pipeline, assistant and toggle tests: a scriptable fake HTTP
-//! endpoint that records every request with its arrival time, headers and raw body, and can
-//! answer late or hold requests — it plays either the platform a loopback channel delivers
-//! to or an assistant's webhook.
+//! A recording HTTP endpoint for the tests: it records every request with its arrival time,
+//! headers and raw body, answers from a script, then from a responder, and can answer late or
+//! hold requests. It plays the platform a loopback channel delivers to, or an assistant's
+//! webhook. Declared by the test files that use it (`#[path = "common/recorder.rs"] mod
+//! recorder;`) next to `mod common;`.
 #![allow(dead_code)]
 
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
@@ -215,9 +216,10 @@ impl Fake {
     }
 }
 
-/// Fast retries for tests.
-pub fn fast_pipeline(max_attempts: u32) -> String {
-    format!(
-        "[pipeline]\nretry_initial_ms = 50\nretry_max_ms = 200\nmax_attempts = {max_attempts}\npoll_interval_ms = 50\n"
-    )
+/// Waits (30 s at most) until `text` is among the reply texts `rx` was delivered.
+pub async fn wait_delivered(rx: &Fake, text: &str) {
+    crate::common::eventually(Duration::from_secs(30), &format!("`{text}` delivered"), || async {
+        rx.delivered_texts().iter().any(|t| t == text).then_some(())
+    })
+    .await;
 }
