@@ -2,11 +2,13 @@
 //! webhooks, CORS and origins, history, the WebSocket (session events, replay from a
 //! watermark, one socket per conversation), bad input, and toggles.
 
-mod webchat_support;
+mod common;
+#[path = "common/webchat.rs"]
+mod webchat;
 
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-use webchat_support::{new_token, post, Connect, Service, Socket};
+use common::{http, Patchbay};
+use webchat::{conversation_id, new_token, post, Connect, Socket};
 
 const CONFIG: &str = r#"
 [assistants.echo]
@@ -20,19 +22,10 @@ allowed_origins = ["https://site.example"]
 max_frame_bytes = 1024
 "#;
 
-fn conversation_id(channel: &str, user: &str) -> String {
-    let mut h = Sha256::new();
-    for part in [channel, user, ""] {
-        h.update(part.as_bytes());
-        h.update([0]);
-    }
-    format!("c_{}", &hex::encode(h.finalize())[..32])
-}
-
 /// Pushes a reply into `user`'s conversation the way an assistant does later.
-async fn push(svc: &Service, user: &str, text: &str) {
+async fn push(svc: &Patchbay, user: &str, text: &str) {
     let url = format!("{}/api/v1/conversations/{}/replies", svc.url, conversation_id("web", user));
-    let resp = webchat_support::http()
+    let resp = http()
         .post(url)
         .bearer_auth("pbk_test_key_for_pushing_replies_0001")
         .json(&json!({"replies": [{"text": text}]}))
@@ -44,8 +37,8 @@ async fn push(svc: &Service, user: &str, text: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_answer_botkit_style_for_the_tokens_user_only() {
-    let svc = Service::start(Some(CONFIG));
-    let base = svc.base("web").await;
+    let svc = Patchbay::start(CONFIG);
+    let base = svc.callback_url("web").await;
     let (token, user) = new_token(&base).await;
     assert!(token.starts_with("wc1."));
 
@@ -100,7 +93,7 @@ async fn webhooks_answer_botkit_style_for_the_tokens_user_only() {
         post(&format!("{base}/api/messages"), &json!({"type": "hello"}).to_string(), &[("origin", "https://site.example")]).await;
     assert_eq!(status, 200);
     assert_eq!(headers["access-control-allow-origin"], "https://site.example");
-    let resp = webchat_support::http()
+    let resp = http()
         .request(reqwest::Method::OPTIONS, format!("{base}/api/messages"))
         .header("origin", "https://site.example")
         .header("access-control-request-method", "POST")
@@ -111,21 +104,21 @@ async fn webhooks_answer_botkit_style_for_the_tokens_user_only() {
     assert!(resp.headers()["access-control-allow-headers"].to_str().unwrap().contains("authorization"));
 
     // History: the token's user's messages, in order, paginated; nobody else's.
-    let resp = webchat_support::http().get(format!("{base}/history?limit=3")).bearer_auth(&token).send().await.unwrap();
+    let resp = http().get(format!("{base}/history?limit=3")).bearer_auth(&token).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     let h: Value = resp.json().await.unwrap();
     let texts: Vec<&str> = h["messages"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap()).collect();
     assert_eq!(texts, vec!["echo: hi", "again", "echo: again"]);
     assert_eq!(h["next_before"], 2);
-    let resp = webchat_support::http().get(format!("{base}/history?before=2")).bearer_auth(&token).send().await.unwrap();
+    let resp = http().get(format!("{base}/history?before=2")).bearer_auth(&token).send().await.unwrap();
     let h: Value = resp.json().await.unwrap();
     assert_eq!(h["messages"][0]["text"], "hi");
     assert_eq!(h["messages"][0]["type"], "message_received");
     let (other, _) = new_token(&base).await;
-    let resp = webchat_support::http().get(format!("{base}/history")).bearer_auth(&other).send().await.unwrap();
+    let resp = http().get(format!("{base}/history")).bearer_auth(&other).send().await.unwrap();
     let h: Value = resp.json().await.unwrap();
     assert_eq!(h["messages"], json!([]), "another user sees nothing of this conversation");
-    let resp = webchat_support::http().get(format!("{base}/history")).send().await.unwrap();
+    let resp = http().get(format!("{base}/history")).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 401);
     // Botkit's client's history call.
     let (status, v, _) = post(&format!("{base}/botkit/history"), &json!({"user": token}).to_string(), &[]).await;
@@ -144,8 +137,8 @@ fn forge(token: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_speaks_botkit_and_refuses_bad_frames_keeping_the_socket() {
-    let svc = Service::start(Some(CONFIG));
-    let base = svc.base("web").await;
+    let svc = Patchbay::start(CONFIG);
+    let base = svc.callback_url("web").await;
     let mut s = Socket::open(&base).await;
     // A new user: hello, with a token.
     s.send(json!({"type": "hello", "user": "botkit-cookie-guid", "channel": "websocket"})).await;
@@ -181,7 +174,7 @@ async fn socket_speaks_botkit_and_refuses_bad_frames_keeping_the_socket() {
     assert_eq!(s.next_of("message").await["text"], "echo: still here");
     // Nothing of the refused frames reached the assistant: the history has exactly the two
     // exchanges.
-    let resp = webchat_support::http().get(format!("{base}/history")).bearer_auth(&token).send().await.unwrap();
+    let resp = http().get(format!("{base}/history")).bearer_auth(&token).send().await.unwrap();
     let h: Value = resp.json().await.unwrap();
     let texts: Vec<&str> = h["messages"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap()).collect();
     assert_eq!(texts, vec!["hello there", "echo: hello there", "still here", "echo: still here"]);
@@ -208,8 +201,8 @@ async fn socket_speaks_botkit_and_refuses_bad_frames_keeping_the_socket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_sent_while_the_socket_is_down_are_replayed_in_order_once() {
-    let svc = Service::start(Some(CONFIG));
-    let base = svc.base("web").await;
+    let svc = Patchbay::start(CONFIG);
+    let base = svc.callback_url("web").await;
     let mut s = Socket::open(&base).await;
     s.send(json!({"type": "hello"})).await;
     let hello = s.next_of("hello").await;
@@ -226,7 +219,7 @@ async fn replies_sent_while_the_socket_is_down_are_replayed_in_order_once() {
     }
     // They are in the log once delivered; wait for the third (bounded).
     for _ in 0..100 {
-        let resp = webchat_support::http().get(format!("{base}/history")).bearer_auth(&token).send().await.unwrap();
+        let resp = http().get(format!("{base}/history")).bearer_auth(&token).send().await.unwrap();
         let h: Value = resp.json().await.unwrap();
         if h["messages"].as_array().unwrap().iter().any(|m| m["text"] == "missed 3") {
             break;
@@ -266,8 +259,8 @@ async fn replies_sent_while_the_socket_is_down_are_replayed_in_order_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disabled_chat_closes_its_sockets_and_refuses_new_ones() {
-    let svc = Service::start(Some(CONFIG));
-    let base = svc.base("web").await;
+    let svc = Patchbay::start(CONFIG);
+    let base = svc.callback_url("web").await;
     let mut s = Socket::open(&base).await;
     s.send(json!({"type": "hello"})).await;
     let token = s.next_of("hello").await["token"].as_str().unwrap().to_owned();
@@ -284,7 +277,7 @@ async fn a_disabled_chat_closes_its_sockets_and_refuses_new_ones() {
     let (status, v, _) = post(&format!("{base}/api/messages"), &msg, &[]).await;
     assert_eq!((status, v["error"]["code"].as_str().unwrap()), (503, "channel_disabled"));
     // The page still loads (it says the chat is off when it cannot start a session).
-    let resp = webchat_support::http().get(format!("{base}/chat")).send().await.unwrap();
+    let resp = http().get(format!("{base}/chat")).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     svc.admin("PATCH", "/api/v1/channels/web", Some(json!({"enabled": true}))).await;
     let mut s = Socket::open(&base).await;

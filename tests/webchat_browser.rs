@@ -4,27 +4,22 @@
 //! render; and with no configuration at all, `patchbay serve` prints a chat URL that works.
 //! Screenshots go to `test-artifacts/`.
 
-mod webchat_support;
+mod common;
+#[path = "common/browser.rs"]
+mod browser;
+#[path = "common/webchat.rs"]
+mod webchat;
 
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-use webchat_support::browser::{Browser, CutProxy};
-use webchat_support::Service;
+use browser::{Browser, CutProxy};
+use common::{http, Patchbay};
+use webchat::conversation_id;
 
 const KEY: &str = "pbk_browser_test_key_for_pushing_0001";
 
-fn conversation_id(channel: &str, user: &str) -> String {
-    let mut h = Sha256::new();
-    for part in [channel, user, ""] {
-        h.update(part.as_bytes());
-        h.update([0]);
-    }
-    format!("c_{}", &hex::encode(h.finalize())[..32])
-}
-
-async fn push(svc: &Service, user: &str, reply: Value) {
+async fn push(svc: &Patchbay, user: &str, reply: Value) {
     let url = format!("{}/api/v1/conversations/{}/replies", svc.url, conversation_id("chat", user));
-    let resp = webchat_support::http().post(url).bearer_auth(KEY).json(&json!({"replies": [reply]})).send().await.unwrap();
+    let resp = http().post(url).bearer_auth(KEY).json(&json!({"replies": [reply]})).send().await.unwrap();
     assert!(resp.status().is_success(), "{}", resp.status());
 }
 
@@ -54,7 +49,7 @@ title = "Browser test"
 "#,
         proxy.url
     );
-    let svc = Service::start(Some(&config));
+    let svc = Patchbay::start(&config);
     proxy.point_at(&svc.url);
     let mut b = Browser::launch().await;
     b.goto(&format!("{}/chat", proxy.url)).await;
@@ -131,12 +126,12 @@ title = "Browser test"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_config_serve_prints_a_chat_url_that_works() {
-    let svc = Service::start(None);
-    let line = svc
-        .banner
+    let svc = Patchbay::start_without_config();
+    let banner = svc.banner();
+    let line = banner
         .iter()
         .find_map(|l| l.trim().strip_prefix("chat: "))
-        .unwrap_or_else(|| panic!("no chat URL printed: {:?}", svc.banner))
+        .unwrap_or_else(|| panic!("no chat URL printed: {banner:?}"))
         .to_owned();
     let chat_url = line.split_whitespace().next().unwrap().to_owned();
     assert_eq!(chat_url, format!("{}/chat", svc.url));

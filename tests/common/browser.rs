@@ -1,5 +1,6 @@
 //! Headless Chromium (Debian's `chromium`), driven over the Chrome DevTools protocol, and a
 //! TCP proxy whose connections a test can cut — a real network drop between page and service.
+//! Declared by the test files that use it (`#[path = "common/browser.rs"] mod browser;`).
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};

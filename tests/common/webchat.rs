@@ -1,104 +1,24 @@
-//! Support for the web chat tests: the real binary in a fresh directory, a WebSocket client
-//! speaking the web chat's frames, and (in `browser`) headless Chromium driven over the
-//! DevTools protocol.
+//! The web chat as a client meets it: its HTTP calls (`post`, `new_token`), the conversation
+//! id a user's messages land in, and a WebSocket client (`Socket`) speaking the web chat's
+//! frames. Declared by the test files that use it (`#[path = "common/webchat.rs"] mod
+//! webchat;`) next to `mod common;`.
 #![allow(dead_code)]
 
-pub mod browser;
-
+use crate::common::http;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use sha2::{Digest, Sha256};
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, Message};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_patchbay");
-
-pub struct Service {
-    pub dir: tempfile::TempDir,
-    child: Option<Child>,
-    pub url: String,
-    pub token: String,
-    /// Every line the service printed on stdout before it was ready.
-    pub banner: Vec<String>,
-}
-
-impl Service {
-    /// Starts `patchbay serve` with `config` (None: no config file at all, the embedded default).
-    pub fn start(config: Option<&str>) -> Service {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut cmd = Command::new(BIN);
-        cmd.current_dir(dir.path());
-        if let Some(c) = config {
-            std::fs::write(dir.path().join("patchbay.toml"), c).expect("write config");
-            cmd.args(["--config", "patchbay.toml"]);
-        }
-        cmd.args(["serve", "--bind", "127.0.0.1:0"])
-            .env_remove("RUST_LOG")
-            .env("PATCHBAY_TEST", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(dir.path().join("stderr.log")).expect("log")));
-        let mut child = cmd.spawn().expect("spawn patchbay");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut banner = Vec::new();
-        let mut url = None;
-        // The listening line, then the channel lines printed right after it.
-        while let Ok(line) = rx.recv_timeout(if url.is_some() { Duration::from_millis(500) } else { Duration::from_secs(60) }) {
-            if let Some(u) = line.strip_prefix("patchbay listening on ") {
-                url = Some(u.trim().to_owned());
-            }
-            banner.push(line);
-        }
-        let Some(url) = url else {
-            let _ = child.kill();
-            panic!("patchbay did not start: {}", std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default());
-        };
-        let token = std::fs::read_to_string(dir.path().join("data/admin.token")).map(|t| t.trim().to_owned()).unwrap_or_default();
-        Service { dir, child: Some(child), url, token, banner }
+/// The conversation id of `user`'s chat on `channel`, as the web chat derives it.
+pub fn conversation_id(channel: &str, user: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [channel, user, ""] {
+        h.update(part.as_bytes());
+        h.update([0]);
     }
-
-    pub async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = http().request(method.parse().unwrap(), format!("{}{path}", self.url)).bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.expect("admin API");
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    /// The channel's base URL: `{url}/hooks/webchat/{hook_id}`.
-    pub async fn base(&self, channel: &str) -> String {
-        let (status, v) = self.admin("GET", &format!("/api/v1/channels/{channel}"), None).await;
-        assert_eq!(status, 200, "{v}");
-        v["callback_url"].as_str().expect("callback_url").to_owned()
-    }
-
-    pub fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-pub fn http() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client")
+    format!("c_{}", &hex::encode(h.finalize())[..32])
 }
 
 /// POSTs JSON, answering (status, body as JSON or as a string).
