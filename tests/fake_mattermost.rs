@@ -4,9 +4,10 @@
 //! `comment` on a reply failing), the §2.2 incoming-webhook status matrix, the §2.4 split at
 //! 16383 runes, and webhook posts never firing outgoing webhooks.
 
-mod common;
+#[path = "common/fake_mattermost.rs"]
+mod fake_mattermost;
 
-use common::fake_mattermost::*;
+use fake_mattermost::*;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::time::Duration;

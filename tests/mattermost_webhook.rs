@@ -3,8 +3,10 @@
 //! with the server's status codes and body rules.
 
 mod common;
+#[path = "common/fake_mattermost.rs"]
+mod fake_mattermost;
 
-use common::fake_mattermost::{Encoding, Fault, FakeMattermost, OutgoingHook, OutgoingPayload};
+use fake_mattermost::{Encoding, Fault, FakeMattermost, OutgoingHook, OutgoingPayload};
 use common::*;
 use serde_json::{json, Value};
 use std::time::Duration;

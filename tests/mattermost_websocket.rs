@@ -3,10 +3,12 @@
 //! them as `posted` events); replies are the bot's posts.
 
 mod common;
+#[path = "common/fake_mattermost.rs"]
+mod fake_mattermost;
 #[path = "common/recorder.rs"]
 mod recorder;
 
-use common::fake_mattermost::{FakeMattermost, Post};
+use fake_mattermost::{FakeMattermost, Post};
 use common::*;
 use serde_json::{json, Value};
 use std::collections::HashMap;

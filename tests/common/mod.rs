@@ -20,8 +20,6 @@
 //! `recorder` and `webchat` use this module as `crate::common`.
 #![allow(dead_code)]
 
-pub mod fake_mattermost;
-
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
