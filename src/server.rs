@@ -120,6 +120,10 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken
             .route("/chat/{channel}", web::get().to(chat_page))
     })
     .workers(workers)
+    // Platforms and proxies keep connections in their pools for a minute or more; closing
+    // idle ones after actix's default 5 s makes a client that reuses one at that moment see
+    // its request fail unanswered.
+    .keep_alive(Duration::from_secs(75))
     .disable_signals()
     .shutdown_timeout(grace.as_secs().max(1))
     .listen(listener)

@@ -264,6 +264,9 @@ impl Drop for Patchbay {
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
+        // Below the server's keep-alive, so a pooled connection is never reused just as the
+        // server closes it.
+        .pool_idle_timeout(Duration::from_secs(30))
         .build()
         .expect("client")
 }
