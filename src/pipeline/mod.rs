@@ -331,6 +331,7 @@ pub(crate) async fn claim_loop<T, C, CF, W, WF>(
         let c = p.claim(free.min(p.settings.claim_batch));
         let owner = c.owner.clone();
         let limit = c.limit;
+        let started = std::time::Instant::now();
         let rows = match claim(p.clone(), c).await {
             Ok(rows) => rows,
             Err(e) => {
@@ -364,10 +365,19 @@ pub(crate) async fn claim_loop<T, C, CF, W, WF>(
         }
         drop(first);
         if got < limit {
+            let took = started.elapsed();
             tokio::select! {
                 _ = p.stop.cancelled() => return,
                 _ = wake(&p).notified() => {}
                 _ = tokio::time::sleep(p.settings.poll_interval) => {}
+            }
+            // A claim that came back short cost the store's writer about `took`; under a
+            // stream of acknowledgements (each a wake-up) leave the writer twice that for
+            // them before scanning again.
+            let pause = (took * 2).min(Duration::from_millis(10));
+            tokio::select! {
+                _ = p.stop.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
             }
         }
     }

@@ -227,23 +227,33 @@ fn paused_json(claim: &Claim) -> String {
     serde_json::to_string(&claim.paused_channels).unwrap_or_else(|_| "[]".into())
 }
 
+/// How many of the oldest due rows one claim looks at. Rows queued behind a message in
+/// flight are not claimable, and checking each costs an index seek: without a bound, a claim
+/// that finds nothing reads the whole backlog. Conversations in flight drain through chained
+/// claims meanwhile, so the window moves on.
+const CLAIM_WINDOW: i64 = 4096;
+
 const CLAIM_INBOX: &str = "
     UPDATE inbox SET lease_owner = ?1, lease_until = ?2, attempts = attempts + 1
     WHERE id IN (
-        SELECT a.id FROM inbox a
-        WHERE a.next_at <= ?3 AND a.lease_until <= ?3
-          AND a.channel_id NOT IN (SELECT value FROM json_each(?4))
-          AND NOT EXISTS (SELECT 1 FROM inbox b WHERE b.conversation_id = a.conversation_id AND b.id < a.id)
+        SELECT a.id FROM (
+            SELECT id, conversation_id FROM inbox
+            WHERE next_at <= ?3 AND lease_until <= ?3
+              AND channel_id NOT IN (SELECT value FROM json_each(?4))
+            ORDER BY id LIMIT ?6) a
+        WHERE NOT EXISTS (SELECT 1 FROM inbox b WHERE b.conversation_id = a.conversation_id AND b.id < a.id)
         ORDER BY a.id LIMIT ?5)
     RETURNING id, channel_id, event_id, conversation_id, payload, attempts, received_at";
 
 const CLAIM_OUTBOX: &str = "
     UPDATE outbox SET lease_owner = ?1, lease_until = ?2, attempts = attempts + 1
     WHERE id IN (
-        SELECT a.id FROM outbox a
-        WHERE a.next_at <= ?3 AND a.lease_until <= ?3
-          AND a.channel_id NOT IN (SELECT value FROM json_each(?4))
-          AND NOT EXISTS (SELECT 1 FROM outbox b WHERE b.conversation_id = a.conversation_id AND b.id < a.id)
+        SELECT a.id FROM (
+            SELECT id, conversation_id FROM outbox
+            WHERE next_at <= ?3 AND lease_until <= ?3
+              AND channel_id NOT IN (SELECT value FROM json_each(?4))
+            ORDER BY id LIMIT ?6) a
+        WHERE NOT EXISTS (SELECT 1 FROM outbox b WHERE b.conversation_id = a.conversation_id AND b.id < a.id)
         ORDER BY a.id LIMIT ?5)
     RETURNING id, reply_id, channel_id, payload, attempts, received_at";
 
@@ -617,7 +627,7 @@ impl Store for SqliteStore {
             let mut stmt = c.prepare_cached(CLAIM_INBOX).map_err(db)?;
             let rows = stmt
                 .query_map(
-                    params![claim.owner, claim.lease_until, claim.now, paused_json(&claim), claim.limit as i64],
+                    params![claim.owner, claim.lease_until, claim.now, paused_json(&claim), claim.limit as i64, CLAIM_WINDOW],
                     inbox_row,
                 )
                 .map_err(db)?
@@ -677,7 +687,7 @@ impl Store for SqliteStore {
             let mut stmt = c.prepare_cached(CLAIM_OUTBOX).map_err(db)?;
             let rows = stmt
                 .query_map(
-                    params![claim.owner, claim.lease_until, claim.now, paused_json(&claim), claim.limit as i64],
+                    params![claim.owner, claim.lease_until, claim.now, paused_json(&claim), claim.limit as i64, CLAIM_WINDOW],
                     outbox_row,
                 )
                 .map_err(db)?
