@@ -171,10 +171,17 @@ async fn wait_for_signal() {
 }
 
 fn config_check(cfg: &Config) -> ExitCode {
-    // Build every assistant and channel as `serve` would, without a store.
+    // Build every assistant and channel as `serve` would, on a throwaway in-memory store:
+    // checking touches neither the real database nor the key files.
     let sealer = crate::seal::Sealer::from_key(&patchbay_channel_core::Secret::new(crate::seal::Sealer::generate_key()))
         .expect("a generated key is valid");
-    let store = NullStore;
+    let store = match crate::store::sqlite::SqliteStore::open(std::path::Path::new(":memory:"), cfg.store.sqlite_synchronous) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("patchbay: cannot open an in-memory store for the check: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let registry = crate::registry::Registry::new(
         std::sync::Arc::new(store),
         crate::kinds::all(),
@@ -206,127 +213,6 @@ fn config_check(cfg: &Config) -> ExitCode {
         }
         ExitCode::from(1)
     }
-}
-
-/// The store `config check` hands the registry: it is never called, because checking only
-/// builds what the config declares.
-struct NullStore;
-
-#[async_trait::async_trait]
-impl crate::store::Store for NullStore {
-    async fn registry_version(&self) -> crate::store::StoreResult<i64> {
-        Ok(0)
-    }
-    async fn load_registry(
-        &self,
-    ) -> crate::store::StoreResult<(i64, Vec<crate::store::AssistantRecord>, Vec<crate::store::ChannelRecord>)> {
-        Ok((0, vec![], vec![]))
-    }
-    async fn put_assistant(&self, _: crate::store::AssistantRecord) -> crate::store::StoreResult<()> {
-        Err(crate::store::StoreError::Closed)
-    }
-    async fn insert_assistant(&self, _: crate::store::AssistantRecord) -> crate::store::StoreResult<()> {
-        Err(crate::store::StoreError::Closed)
-    }
-    async fn delete_assistant(&self, _: &str) -> crate::store::StoreResult<bool> {
-        Err(crate::store::StoreError::Closed)
-    }
-    async fn put_channel(
-        &self,
-        _: crate::store::ChannelRecord,
-        _: crate::store::Upsert,
-    ) -> crate::store::StoreResult<crate::store::ChannelRecord> {
-        Err(crate::store::StoreError::Closed)
-    }
-    async fn set_channel_enabled(&self, _: &str, _: bool) -> crate::store::StoreResult<bool> {
-        Err(crate::store::StoreError::Closed)
-    }
-    async fn delete_channel(&self, _: &str) -> crate::store::StoreResult<bool> {
-        Err(crate::store::StoreError::Closed)
-    }
-    async fn inbox_put(
-        &self,
-        _: Vec<crate::store::NewInbox>,
-        _: i64,
-    ) -> crate::store::StoreResult<Vec<patchbay_channel_core::Accepted>> {
-        Err(crate::store::StoreError::Closed)
-    }
-    async fn inbox_claim(&self, _: crate::store::Claim) -> crate::store::StoreResult<Vec<crate::store::InboxItem>> {
-        Ok(vec![])
-    }
-    async fn inbox_complete(
-        &self,
-        _: i64,
-        _: &str,
-        _: Vec<crate::store::NewOutbox>,
-        _: crate::store::ConversationRecord,
-        _: Option<crate::store::ChainClaim>,
-    ) -> crate::store::StoreResult<Option<crate::store::InboxItem>> {
-        Err(crate::store::StoreError::Closed)
-    }
-    async fn inbox_release(&self, _: i64, _: &str, _: i64, _: &str) -> crate::store::StoreResult<()> {
-        Err(crate::store::StoreError::Closed)
-    }
-    async fn inbox_dead(&self, _: i64, _: &str, _: &str) -> crate::store::StoreResult<()> {
-        Err(crate::store::StoreError::Closed)
-    }
-    async fn outbox_put(&self, _: Vec<crate::store::NewOutbox>) -> crate::store::StoreResult<usize> {
-        Err(crate::store::StoreError::Closed)
-    }
-    async fn outbox_claim(&self, _: crate::store::Claim) -> crate::store::StoreResult<Vec<crate::store::OutboxItem>> {
-        Ok(vec![])
-    }
-    async fn outbox_done(
-        &self,
-        _: i64,
-        _: &str,
-        _: Option<crate::store::ChainClaim>,
-    ) -> crate::store::StoreResult<Option<crate::store::OutboxItem>> {
-        Err(crate::store::StoreError::Closed)
-    }
-    async fn outbox_cancel(&self, _: Vec<String>) -> crate::store::StoreResult<()> {
-        Err(crate::store::StoreError::Closed)
-    }
-    async fn outbox_release(&self, _: i64, _: &str, _: i64, _: &str) -> crate::store::StoreResult<()> {
-        Err(crate::store::StoreError::Closed)
-    }
-    async fn outbox_dead(&self, _: i64, _: &str, _: &str) -> crate::store::StoreResult<()> {
-        Err(crate::store::StoreError::Closed)
-    }
-    async fn conversation(&self, _: &str) -> crate::store::StoreResult<Option<crate::store::ConversationRecord>> {
-        Ok(None)
-    }
-    async fn dead_letters(&self, _: Option<String>, _: usize) -> crate::store::StoreResult<Vec<crate::store::DeadLetter>> {
-        Ok(vec![])
-    }
-    async fn dead_letter_retry(&self, _: i64) -> crate::store::StoreResult<bool> {
-        Ok(false)
-    }
-    async fn dead_letter_delete(&self, _: i64) -> crate::store::StoreResult<bool> {
-        Ok(false)
-    }
-    async fn log_append(&self, _: &str, _: &str, _: Option<String>, _: String, _: i64) -> crate::store::StoreResult<i64> {
-        Ok(0)
-    }
-    async fn log_read(
-        &self,
-        _: &str,
-        _: &str,
-        _: patchbay_channel_core::LogRange,
-        _: usize,
-    ) -> crate::store::StoreResult<Vec<patchbay_channel_core::LogEntry>> {
-        Ok(Vec::new())
-    }
-    async fn log_prune(&self, _: &str, _: i64) -> crate::store::StoreResult<u64> {
-        Ok(0)
-    }
-    async fn prune(&self, _: i64) -> crate::store::StoreResult<u64> {
-        Ok(0)
-    }
-    async fn depths(&self) -> crate::store::StoreResult<crate::store::QueueDepths> {
-        Ok(Default::default())
-    }
-    async fn close(&self) {}
 }
 
 fn run_client(fut: impl std::future::Future<Output = Result<ExitCode, String>>) -> ExitCode {
