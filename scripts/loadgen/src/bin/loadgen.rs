@@ -13,6 +13,16 @@
 //! conversation out of `--conversations`, and the text `hello <n>` (which the echo assistant
 //! answers `echo: hello <n>`, so the receiver knows which message a reply answers).
 //!
+//! `--scenario` picks the request and what counts as a good answer:
+//! - `loopback` (default): `{"id","conversation","text"}`, answered 200 `"accepted":true`;
+//! - `mattermost-inline`: a Mattermost outgoing webhook (JSON, the twelve fields, Mattermost's
+//!   headers; `post_id` unique, `channel_id` the conversation, text `@bot hello <n>`), answered
+//!   200 with `"text":"echo: hello <n>"` in the body (patchbay's inline reply mode);
+//! - `mattermost-incoming`: the same request, answered 200 with an empty body (incoming-webhook
+//!   reply mode); with `--receiver` the replies arrive as Mattermost incoming-webhook posts
+//!   (`{"text","channel"}`), answered `200 text/plain ok` as Mattermost does, and each is checked
+//!   to go to the channel its message came from.
+//!
 //! Everything is bounded: the duration (≤ 120 s), the request count (≤ 10 M), the drain wait
 //! (≤ 600 s), each request (10 s timeout); and only loopback addresses are accepted.
 //!
@@ -52,15 +62,6 @@ enum Cmd {
         /// delivered reply and the queues are empty, and report end-to-end messages/s.
         #[arg(long)]
         metrics_url: Option<String>,
-        /// The channel whose `patchbay_replies_delivered_total` counts the replies.
-        #[arg(long, default_value = "bench")]
-        channel: String,
-        /// Serve patchbay's deliver_url on this address (127.0.0.1:PORT) and count replies.
-        #[arg(long)]
-        receiver: Option<String>,
-        /// The longest wait for the queues to drain, in seconds.
-        #[arg(long, default_value_t = 300.0)]
-        drain_timeout: f64,
     },
     /// Open loop: a fixed offered rate R/s for D seconds, with per-request latency.
     Open {
@@ -69,10 +70,18 @@ enum Cmd {
         /// Requests per second offered.
         #[arg(long)]
         rate: f64,
-        /// patchbay's /metrics, to report the queue depths after the run.
+        /// patchbay's /metrics, to report the queue depths after the run (and, with
+        /// --receiver, to wait for the queues to drain).
         #[arg(long)]
         metrics_url: Option<String>,
     },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+enum Scenario {
+    Loopback,
+    MattermostInline,
+    MattermostIncoming,
 }
 
 #[derive(Args, Clone)]
@@ -104,6 +113,25 @@ struct Common {
     /// Kernel clock ticks per second (`getconf CLK_TCK`), for /proc/PID/stat.
     #[arg(long, default_value_t = 100)]
     clk_tck: u64,
+    /// The request's shape and the answer expected (see the top of this file).
+    #[arg(long, value_enum, default_value = "loopback")]
+    scenario: Scenario,
+    /// The Mattermost outgoing webhook token sent in the body.
+    #[arg(long, default_value = "rgfe9bc9j3gste59mbyrmzk33w")]
+    token: String,
+    /// The channel whose `patchbay_replies_delivered_total` counts the replies.
+    #[arg(long, default_value = "bench")]
+    channel: String,
+    /// Serve patchbay's deliver_url (or a Mattermost incoming webhook) on this address
+    /// (127.0.0.1:PORT) and count the replies. In open mode, also wait for them all.
+    #[arg(long)]
+    receiver: Option<String>,
+    /// With --receiver: the path replies must be POSTed to (others are counted as wrong).
+    #[arg(long)]
+    receiver_path: Option<String>,
+    /// The longest wait for the queues to drain, in seconds.
+    #[arg(long, default_value_t = 300.0)]
+    drain_timeout: f64,
 }
 
 fn main() {
@@ -119,9 +147,7 @@ fn main() {
     .expect("tokio runtime");
     let result = rt.block_on(async move {
         match cli.cmd {
-            Cmd::Closed { common, metrics_url, channel, receiver, drain_timeout } => {
-                closed(common, metrics_url, channel, receiver, drain_timeout).await
-            }
+            Cmd::Closed { common, metrics_url } => closed(common, metrics_url).await,
             Cmd::Open { common, rate, metrics_url } => open(common, rate, metrics_url).await,
         }
     });
@@ -281,24 +307,105 @@ struct Gen {
     target: Target,
     prefix: String,
     conversations: u64,
+    scenario: Scenario,
+    token: String,
+    /// Ten lowercase letters/digits derived from the prefix: the run's part of a post_id.
+    tag: String,
+}
+
+/// Lowercase base-36 digits of `v`, left-padded with zeros to `width`.
+fn base36(mut v: u64, width: usize) -> String {
+    let digits = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    while v > 0 {
+        out.push(digits[(v % 36) as usize]);
+        v /= 36;
+    }
+    while out.len() < width {
+        out.push(b'0');
+    }
+    out.reverse();
+    String::from_utf8(out).expect("ascii")
+}
+
+/// The Mattermost channel (id, name) of conversation k: 26-character ids, like Mattermost's.
+fn mm_channel(k: u64) -> (String, String) {
+    (format!("benchchannel{k:014}"), format!("channel-{k}"))
 }
 
 impl Gen {
+    fn new(c: &Common) -> Result<Gen, String> {
+        let prefix = prefix(c);
+        // FNV-1a of the prefix: post ids differ between runs with different prefixes.
+        let mut h: u64 = 0xcbf29ce484222325;
+        for b in prefix.bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+        }
+        let tag: String = base36(h, 13).chars().rev().take(10).collect();
+        Ok(Gen {
+            target: parse_url(&c.url)?,
+            prefix,
+            conversations: c.conversations,
+            scenario: c.scenario,
+            token: c.token.clone(),
+            tag,
+        })
+    }
+
     fn request(&self, idx: u64, out: &mut Vec<u8>) {
         use std::io::Write;
-        let body = format!(
-            r#"{{"id":"{}-{idx}","conversation":"conv-{}","text":"hello {idx}"}}"#,
-            self.prefix,
-            idx % self.conversations.max(1)
-        );
+        let k = idx % self.conversations.max(1);
         out.clear();
+        if self.scenario == Scenario::Loopback {
+            let body = format!(r#"{{"id":"{}-{idx}","conversation":"conv-{k}","text":"hello {idx}"}}"#, self.prefix);
+            let _ = write!(
+                out,
+                "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                self.target.path,
+                self.target.host,
+                body.len()
+            );
+            return;
+        }
+        // A Mattermost outgoing webhook, JSON encoding, as Mattermost sends it.
+        let (channel_id, channel_name) = mm_channel(k);
+        let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
+        let body = format!(
+            concat!(
+                r#"{{"token":"{}","team_id":"en76g45etjn98c6eyubfptn16o","team_domain":"acme","#,
+                r#""channel_id":"{}","channel_name":"{}","timestamp":{},"user_id":"a6khpd5m77d3de46xw599mp8by","#,
+                r#""user_name":"alice","post_id":"{}{}","text":"@bot hello {}","trigger_word":"@bot","file_ids":""}}"#
+            ),
+            self.token,
+            channel_id,
+            channel_name,
+            ts,
+            self.tag,
+            base36(idx, 16),
+            idx
+        );
         let _ = write!(
             out,
-            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: Mattermost-Bot/1.1\r\nContent-Type: application/json\r\nAccept: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             self.target.path,
             self.target.host,
             body.len()
         );
+    }
+
+    /// Checks one answer; Ok(true) when the server called it a duplicate.
+    fn check(&self, idx: u64, status: u16, body: &[u8]) -> Result<bool, String> {
+        let ok = status == 200
+            && match self.scenario {
+                Scenario::Loopback => find(body, b"\"accepted\":true").is_some(),
+                Scenario::MattermostInline => find(body, format!("\"text\":\"echo: hello {idx}\"").as_bytes()).is_some(),
+                Scenario::MattermostIncoming => body.is_empty(),
+            };
+        if ok {
+            Ok(self.scenario == Scenario::Loopback && find(body, b"\"duplicate\":true").is_some())
+        } else {
+            Err(format!("answered {status}: {:?}", String::from_utf8_lossy(&body[..body.len().min(200)])))
+        }
     }
 }
 
@@ -480,11 +587,18 @@ struct Receiver {
     unique: AtomicU64,
     repeats: AtomicU64,
     unparsed: AtomicU64,
+    /// Mattermost: replies whose `channel` is not the channel their message came from.
+    misrouted: AtomicU64,
+    /// Requests to another path than --receiver-path.
+    wrong_path: AtomicU64,
     latency: Mutex<Histogram<u64>>,
+    scenario: Scenario,
+    conversations: u64,
+    path: Option<String>,
 }
 
 impl Receiver {
-    fn new(start: Instant, capacity: u64) -> Receiver {
+    fn new(start: Instant, capacity: u64, c: &Common) -> Receiver {
         Receiver {
             start,
             sent_at: (0..capacity).map(|_| AtomicU64::new(0)).collect(),
@@ -493,8 +607,37 @@ impl Receiver {
             unique: AtomicU64::new(0),
             repeats: AtomicU64::new(0),
             unparsed: AtomicU64::new(0),
+            misrouted: AtomicU64::new(0),
+            wrong_path: AtomicU64::new(0),
             latency: Mutex::new(hist()),
+            scenario: c.scenario,
+            conversations: c.conversations.max(1),
+            path: c.receiver_path.clone(),
         }
+    }
+
+    fn summary(&self) -> Value {
+        json!({
+            "replies": self.replies.load(Relaxed),
+            "unique": self.unique.load(Relaxed),
+            "repeats": self.repeats.load(Relaxed),
+            "unparsed": self.unparsed.load(Relaxed),
+            "misrouted": self.misrouted.load(Relaxed),
+            "wrong_path": self.wrong_path.load(Relaxed),
+            "latency": summary(&self.latency.lock().unwrap()),
+        })
+    }
+
+    fn log(&self) {
+        eprintln!(
+            "receiver: {} replies, {} repeats, {} unparsed, {} misrouted, {} to a wrong path; message sent → reply received {}",
+            self.replies.load(Relaxed),
+            self.repeats.load(Relaxed),
+            self.unparsed.load(Relaxed),
+            self.misrouted.load(Relaxed),
+            self.wrong_path.load(Relaxed),
+            fmt_summary(&self.latency.lock().unwrap())
+        );
     }
 
     fn record_send(&self, idx: u64) {
@@ -519,6 +662,12 @@ impl Receiver {
             self.unparsed.fetch_add(1, Relaxed);
             return;
         };
+        if self.scenario != Scenario::Loopback {
+            let (_, name) = mm_channel(idx as u64 % self.conversations);
+            if find(body, format!("\"channel\":\"{name}\"").as_bytes()).is_none() {
+                self.misrouted.fetch_add(1, Relaxed);
+            }
+        }
         if self.seen[idx].fetch_add(1, Relaxed) == 0 {
             self.unique.fetch_add(1, Relaxed);
             let sent = self.sent_at[idx].load(Relaxed);
@@ -551,7 +700,12 @@ async fn serve_receiver(listener: TcpListener, r: Arc<Receiver>, stop: Arc<Atomi
 
 async fn receiver_conn(mut stream: TcpStream, r: Arc<Receiver>, stop: Arc<AtomicBool>) -> std::io::Result<()> {
     let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
-    const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+    // A Mattermost incoming webhook answers 200 `text/plain` `ok`.
+    let ok: &[u8] = if r.scenario == Scenario::Loopback {
+        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+    } else {
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
+    };
     loop {
         // Parse every complete request in the buffer.
         while let Some(hend) = find(&buf, b"\r\n\r\n") {
@@ -563,8 +717,13 @@ async fn receiver_conn(mut stream: TcpStream, r: Arc<Receiver>, stop: Arc<Atomic
             if head.starts_with("POST ") {
                 r.record_reply(&buf[hend + 4..hend + 4 + cl]);
             }
+            if let Some(p) = &r.path {
+                if head.split(' ').nth(1) != Some(p.as_str()) {
+                    r.wrong_path.fetch_add(1, Relaxed);
+                }
+            }
             buf.drain(..hend + 4 + cl);
-            stream.write_all(OK).await?;
+            stream.write_all(ok).await?;
         }
         if buf.len() > MAX_RESPONSE_BYTES {
             return Ok(());
@@ -595,6 +754,12 @@ fn validate(c: &Common) -> Result<(), String> {
     if c.max_requests == 0 || c.max_requests > MAX_REQUESTS {
         return Err(format!("--max-requests must be in [1, {MAX_REQUESTS}]"));
     }
+    if !(c.drain_timeout > 0.0 && c.drain_timeout <= MAX_DRAIN_SECS) {
+        return Err(format!("--drain-timeout must be in (0, {MAX_DRAIN_SECS}]"));
+    }
+    if c.conversations == 0 {
+        return Err("--conversations must be at least 1".into());
+    }
     Ok(())
 }
 
@@ -622,48 +787,48 @@ impl Counters {
         }
     }
 
-    /// Checks one answer: 200 and `"accepted":true`.
-    fn answer(&self, status: u16, body: &[u8]) -> bool {
-        if status == 200 && find(body, b"\"accepted\":true").is_some() {
-            if find(body, b"\"duplicate\":true").is_some() {
-                self.duplicates.fetch_add(1, Relaxed);
+    /// Counts one answer, as `gen` judges it (see `Gen::check`).
+    fn answer(&self, gen: &Gen, idx: u64, status: u16, body: &[u8]) -> bool {
+        match gen.check(idx, status, body) {
+            Ok(dup) => {
+                if dup {
+                    self.duplicates.fetch_add(1, Relaxed);
+                }
+                self.ok.fetch_add(1, Relaxed);
+                true
             }
-            self.ok.fetch_add(1, Relaxed);
-            true
-        } else {
-            self.error(format!("answered {status}: {}", String::from_utf8_lossy(&body[..body.len().min(200)])));
-            false
+            Err(e) => {
+                self.error(e);
+                false
+            }
         }
     }
 }
 
-async fn closed(
-    c: Common,
-    metrics_url: Option<String>,
-    channel: String,
-    receiver: Option<String>,
-    drain_timeout: f64,
-) -> Result<Value, String> {
-    validate(&c)?;
-    if !(drain_timeout > 0.0 && drain_timeout <= MAX_DRAIN_SECS) {
-        return Err(format!("--drain-timeout must be in (0, {MAX_DRAIN_SECS}]"));
+/// Starts the receiver when --receiver is given.
+async fn start_receiver(c: &Common, start: Instant, capacity: u64, stop: &Arc<AtomicBool>) -> Result<Option<Arc<Receiver>>, String> {
+    match &c.receiver {
+        Some(a) => {
+            let listener = TcpListener::bind(loopback_addr(a)?).await.map_err(|e| format!("receiver {a}: {e}"))?;
+            let r = Arc::new(Receiver::new(start, capacity, c));
+            tokio::spawn(serve_receiver(listener, r.clone(), stop.clone()));
+            Ok(Some(r))
+        }
+        None => Ok(None),
     }
-    let gen = Arc::new(Gen { target: parse_url(&c.url)?, prefix: prefix(&c), conversations: c.conversations });
+}
+
+async fn closed(c: Common, metrics_url: Option<String>) -> Result<Value, String> {
+    validate(&c)?;
+    let drain_timeout = c.drain_timeout;
+    let gen = Arc::new(Gen::new(&c)?);
     let mut metrics = match &metrics_url {
-        Some(u) => Some(MetricsClient { target: parse_url(u)?, channel: channel.clone(), conn: None }),
+        Some(u) => Some(MetricsClient { target: parse_url(u)?, channel: c.channel.clone(), conn: None }),
         None => None,
     };
     let start = Instant::now();
     let stop_receiver = Arc::new(AtomicBool::new(false));
-    let recv = match &receiver {
-        Some(a) => {
-            let listener = TcpListener::bind(loopback_addr(a)?).await.map_err(|e| format!("receiver {a}: {e}"))?;
-            let r = Arc::new(Receiver::new(start, c.max_requests));
-            tokio::spawn(serve_receiver(listener, r.clone(), stop_receiver.clone()));
-            Some(r)
-        }
-        None => None,
-    };
+    let recv = start_receiver(&c, start, c.max_requests, &stop_receiver).await?;
     let base = match metrics.as_mut() {
         Some(m) => Some(m.sample().await?),
         None => None,
@@ -704,7 +869,7 @@ async fn closed(
                 let t0 = Instant::now();
                 match cn.exchange(&req).await {
                     Ok(status) => {
-                        if counters.answer(status, &cn.body) {
+                        if counters.answer(&gen, idx, status, &cn.body) {
                             let _ = h.record(us(t0.elapsed()));
                         }
                     }
@@ -829,16 +994,8 @@ async fn closed(
         });
         if let Some(r) = &recv {
             stop_receiver.store(true, Relaxed);
-            let lat = r.latency.lock().unwrap();
-            e2e["receiver"] = json!({
-                "replies": r.replies.load(Relaxed),
-                "unique": r.unique.load(Relaxed),
-                "repeats": r.repeats.load(Relaxed),
-                "unparsed": r.unparsed.load(Relaxed),
-                "latency": summary(&lat),
-            });
-            eprintln!("receiver: {} replies, {} repeats; message sent → reply received {}",
-                r.replies.load(Relaxed), r.repeats.load(Relaxed), fmt_summary(&lat));
+            e2e["receiver"] = r.summary();
+            r.log();
         }
         eprintln!(
             "end to end: {delivered}/{expect} replies delivered {} in {total_s:.2} s ({drain_s:.2} s after the load) = {:.0} msg/s",
@@ -911,8 +1068,18 @@ async fn open(c: Common, rate: f64, metrics_url: Option<String>) -> Result<Value
     if !(rate > 0.0 && rate <= 1_000_000.0) {
         return Err("--rate must be in (0, 1000000]".into());
     }
-    let gen = Arc::new(Gen { target: parse_url(&c.url)?, prefix: prefix(&c), conversations: c.conversations });
+    let gen = Arc::new(Gen::new(&c)?);
     let total = ((rate * c.duration).round() as u64).min(c.max_requests);
+    let mut metrics = match &metrics_url {
+        Some(u) => Some(MetricsClient { target: parse_url(u)?, channel: c.channel.clone(), conn: None }),
+        None => None,
+    };
+    let stop_receiver = Arc::new(AtomicBool::new(false));
+    let recv = start_receiver(&c, Instant::now(), total, &stop_receiver).await?;
+    let base = match (&recv, metrics.as_mut()) {
+        (Some(_), Some(m)) => Some(m.sample().await?),
+        _ => None,
+    };
     let counters = Arc::new(Counters::default());
     let next = Arc::new(AtomicU64::new(0));
     // Connect first, so connection setup is not in the first latencies.
@@ -925,7 +1092,7 @@ async fn open(c: Common, rate: f64, metrics_url: Option<String>) -> Result<Value
     let load_start = CpuMark::now(&c);
     let mut tasks = Vec::new();
     for cn in conns {
-        let (gen, counters, next) = (gen.clone(), counters.clone(), next.clone());
+        let (gen, counters, next, recv) = (gen.clone(), counters.clone(), next.clone(), recv.clone());
         tasks.push(tokio::spawn(async move {
             let (mut service, mut corrected, mut lag) = (hist(), hist(), hist());
             let mut conn = Some(cn);
@@ -947,12 +1114,15 @@ async fn open(c: Common, rate: f64, metrics_url: Option<String>) -> Result<Value
                         }
                     }
                 }
+                if let Some(r) = &recv {
+                    r.record_send(idx);
+                }
                 let cn = conn.as_mut().expect("connected");
                 let t0 = Instant::now();
                 let _ = lag.record(us(t0.saturating_duration_since(intended)));
                 match cn.exchange(&req).await {
                     Ok(status) => {
-                        if counters.answer(status, &cn.body) {
+                        if counters.answer(&gen, idx, status, &cn.body) {
                             let done = Instant::now();
                             let _ = service.record(us(done - t0));
                             let _ = corrected.record(us(done.saturating_duration_since(intended)));
@@ -985,14 +1155,71 @@ async fn open(c: Common, rate: f64, metrics_url: Option<String>) -> Result<Value
     eprintln!("  latency (request written → answer read): {}", fmt_summary(&service));
     eprintln!("  latency from the scheduled send time:    {}", fmt_summary(&corrected));
     eprintln!("  send lag behind schedule:                {}", fmt_summary(&lag));
-    let after = match &metrics_url {
-        Some(u) => {
-            let mut m = MetricsClient { target: parse_url(u)?, channel: "bench".into(), conn: None };
-            m.sample().await.ok().map(|s| json!({"inbox": s.inbox, "outbox": s.outbox, "dead_letters": s.dead}))
+    let after = match metrics.as_mut() {
+        Some(m) => m.sample().await.ok().map(|s| json!({"inbox": s.inbox, "outbox": s.outbox, "dead_letters": s.dead})),
+        None => None,
+    };
+    // With a receiver: wait until every accepted message has its reply (and, with metrics,
+    // the queues are empty), and report messages/s from the first send to the last reply.
+    let e2e = match &recv {
+        Some(r) => {
+            let expect = ok - counters.duplicates.load(Relaxed);
+            let drain_deadline = Instant::now() + Duration::from_secs_f64(c.drain_timeout);
+            let mut next_line = Instant::now() + Duration::from_secs(1);
+            let mut drained = false;
+            let mut last = None;
+            loop {
+                let s = match metrics.as_mut() {
+                    Some(m) => Some(m.sample().await?),
+                    None => None,
+                };
+                last = s.or(last);
+                let queues_empty = s.map(|s| s.inbox == 0 && s.outbox == 0).unwrap_or(true);
+                if r.unique.load(Relaxed) >= expect && queues_empty {
+                    drained = true;
+                    break;
+                }
+                if Instant::now() >= drain_deadline {
+                    break;
+                }
+                if Instant::now() >= next_line {
+                    next_line += Duration::from_secs(1);
+                    let s = s.unwrap_or_default();
+                    eprintln!("draining: delivered {}/{expect}, inbox {}, outbox {}", r.unique.load(Relaxed), s.inbox, s.outbox);
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            stop_receiver.store(true, Relaxed);
+            let drain_end = CpuMark::now(&c);
+            let total_s = drain_end.at.duration_since(start).as_secs_f64();
+            let delivered = r.unique.load(Relaxed);
+            r.log();
+            eprintln!(
+                "end to end: {delivered}/{expect} replies delivered {} in {total_s:.2} s = {:.0} msg/s",
+                if drained { "and queues empty" } else { "— NOT DRAINED before the timeout" },
+                delivered as f64 / total_s
+            );
+            let delivered_metric = match (last, base) {
+                (Some(s), Some(b)) => Some(s.delivered.saturating_sub(b.delivered)),
+                _ => None,
+            };
+            Some(json!({
+                "drained": drained,
+                "expected": expect,
+                "delivered": delivered,
+                "delivered_metric": delivered_metric,
+                "drain_s": drain_end.at.duration_since(end.at).as_secs_f64(),
+                "total_s": total_s,
+                "msgs_per_s": delivered as f64 / total_s,
+                "cpu_total": drain_end.since(&load_start),
+                "final_queues": last.map(|s| json!({"inbox": s.inbox, "outbox": s.outbox, "dead_letters": s.dead})),
+                "receiver": r.summary(),
+            }))
         }
         None => None,
     };
     Ok(json!({
+        "e2e": e2e,
         "mode": "open",
         "url": c.url,
         "rate": rate,
