@@ -371,13 +371,14 @@ pub(crate) async fn claim_loop<T, C, CF, W, WF>(
                 _ = wake(&p).notified() => {}
                 _ = tokio::time::sleep(p.settings.poll_interval) => {}
             }
-            // A claim that came back short cost the store's writer about `took`; under a
-            // stream of acknowledgements (each a wake-up) leave the writer twice that for
-            // them before scanning again.
-            let pause = (took * 2).min(Duration::from_millis(10));
-            tokio::select! {
-                _ = p.stop.cancelled() => return,
-                _ = tokio::time::sleep(pause) => {}
+            // A claim that found nothing cost the store's writer about `took` for nothing;
+            // under a stream of acknowledgements (each a wake-up) leave the writer as much
+            // for them before scanning again.
+            if got == 0 {
+                tokio::select! {
+                    _ = p.stop.cancelled() => return,
+                    _ = tokio::time::sleep(took.min(Duration::from_millis(5))) => {}
+                }
             }
         }
     }

@@ -231,6 +231,10 @@ fn paused_json(claim: &Claim) -> String {
 /// flight are not claimable, and checking each costs an index seek: without a bound, a claim
 /// that finds nothing reads the whole backlog. Conversations in flight drain through chained
 /// claims meanwhile, so the window moves on.
+///
+/// The window is a co-routine that yields rows in id order, and the outer query has no
+/// ORDER BY of its own on purpose: one would make SQLite collect and sort the whole window
+/// (and check every row of it) before taking the first `limit`.
 const CLAIM_WINDOW: i64 = 4096;
 
 const CLAIM_INBOX: &str = "
@@ -242,7 +246,7 @@ const CLAIM_INBOX: &str = "
               AND channel_id NOT IN (SELECT value FROM json_each(?4))
             ORDER BY id LIMIT ?6) a
         WHERE NOT EXISTS (SELECT 1 FROM inbox b WHERE b.conversation_id = a.conversation_id AND b.id < a.id)
-        ORDER BY a.id LIMIT ?5)
+        LIMIT ?5)
     RETURNING id, channel_id, event_id, conversation_id, payload, attempts, received_at";
 
 const CLAIM_OUTBOX: &str = "
@@ -254,7 +258,7 @@ const CLAIM_OUTBOX: &str = "
               AND channel_id NOT IN (SELECT value FROM json_each(?4))
             ORDER BY id LIMIT ?6) a
         WHERE NOT EXISTS (SELECT 1 FROM outbox b WHERE b.conversation_id = a.conversation_id AND b.id < a.id)
-        ORDER BY a.id LIMIT ?5)
+        LIMIT ?5)
     RETURNING id, reply_id, channel_id, payload, attempts, received_at";
 
 const CHAIN_INBOX: &str = "
