@@ -124,6 +124,9 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken
     // idle ones after actix's default 5 s makes a client that reuses one at that moment see
     // its request fail unanswered.
     .keep_alive(Duration::from_secs(75))
+    // Small frames (a web chat's `received`, `typing` and reply; a WebSocket ping) must not
+    // wait ~40 ms for the peer's delayed ACK of the previous one (Nagle's algorithm).
+    .tcp_nodelay(true)
     .disable_signals()
     .shutdown_timeout(grace.as_secs().max(1))
     .listen(listener)
