@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 /// handed over before the outbox delivers the same replies through the channel.
 const INLINE_GRACE: Duration = Duration::from_secs(5);
 
+/// How long the assistant may work before a typing indicator is shown.
+const TYPING_DELAY: Duration = Duration::from_millis(300);
+
 pub async fn run(p: Arc<Pipeline>) {
     let slots = p.dispatch_slots.clone();
     claim_loop(
@@ -130,6 +133,8 @@ async fn answer(p: &Pipeline, item: &InboxItem) -> Result<(Inbound, Vec<Reply>),
         let every = instance.typing_interval()?;
         let inbound = inbound.clone();
         Some(tokio::spawn(async move {
+            // An answer that comes sooner needs no indicator: no frame, no platform call.
+            tokio::time::sleep(TYPING_DELAY).await;
             loop {
                 instance.typing(&inbound).await;
                 tokio::time::sleep(every).await;

@@ -142,9 +142,10 @@ pub trait Channel: Send + Sync + 'static {
         None
     }
 
-    /// Shows that an answer to `inbound` is being written. Called when the assistant starts
-    /// and every `typing_interval` while it works; a failure is the kind's to log, never an
-    /// error of the message.
+    /// Shows that an answer to `inbound` is being written. Called once the assistant has been
+    /// working for a moment (300 ms: a quicker answer needs no indicator) and then every
+    /// `typing_interval` while it works; a failure is the kind's to log, never an error of the
+    /// message.
     async fn typing(&self, _inbound: &Inbound) {}
 
     /// The long-lived part, if the kind has one; run by the supervisor while enabled.
