@@ -21,7 +21,11 @@
 //!
 //! The last line of output is `RESULT {json}`.
 
+#[path = "../http1.rs"]
+mod http1;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use http1::{find, Conn};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
@@ -29,7 +33,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -41,7 +44,6 @@ const MAX_MESSAGES: u64 = 10_000_000;
 const MAX_CONNECTIONS: usize = 1024;
 const MAX_SOCKETS: usize = 60_000;
 const WAIT: Duration = Duration::from_secs(10);
-const MAX_RESPONSE_BYTES: usize = 1 << 20;
 
 #[derive(Parser)]
 #[command(about = "Web chat load generator for scripts/bench-webchat (127.0.0.1 only)")]
@@ -337,12 +339,6 @@ fn fmt_summary(h: &Histogram<u64>) -> String {
     )
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.is_empty() || hay.len() < needle.len() {
-        return None;
-    }
-    hay.windows(needle.len()).position(|w| w == needle)
-}
 
 #[derive(Default)]
 struct Errors {
@@ -369,98 +365,6 @@ fn run_tag() -> String {
     format!("{:x}", t.as_nanos() & 0xffff_ffff)
 }
 
-// ---------------------------------------------------------------------------------------
-// A minimal HTTP/1.1 keep-alive client (content-length or chunked answers).
-
-struct Conn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-    body: Vec<u8>,
-}
-
-fn header_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.split("\r\n").skip(1).find_map(|line| {
-        let (k, v) = line.split_once(':')?;
-        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-    })
-}
-
-fn dechunk(data: &[u8], out: &mut Vec<u8>) -> Result<Option<usize>, String> {
-    out.clear();
-    let mut pos = 0;
-    loop {
-        let Some(eol) = find(&data[pos..], b"\r\n") else { return Ok(None) };
-        let line = std::str::from_utf8(&data[pos..pos + eol]).map_err(|_| "bad chunk size")?;
-        let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| format!("bad chunk size {line:?}"))?;
-        pos += eol + 2;
-        if size == 0 {
-            let Some(end) = find(&data[pos..], b"\r\n") else { return Ok(None) };
-            return Ok(Some(pos + end + 2));
-        }
-        if data.len() < pos + size + 2 {
-            return Ok(None);
-        }
-        out.extend_from_slice(&data[pos..pos + size]);
-        pos += size + 2;
-    }
-}
-
-impl Conn {
-    async fn connect(addr: SocketAddr) -> std::io::Result<Conn> {
-        let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
-            .await
-            .map_err(|_| std::io::Error::other("connect timed out"))??;
-        stream.set_nodelay(true)?;
-        Ok(Conn { stream, buf: Vec::with_capacity(8 * 1024), body: Vec::with_capacity(1024) })
-    }
-
-    async fn exchange(&mut self, request: &[u8]) -> std::io::Result<u16> {
-        tokio::time::timeout(WAIT, self.exchange_inner(request))
-            .await
-            .map_err(|_| std::io::Error::other("request timed out"))?
-    }
-
-    async fn exchange_inner(&mut self, request: &[u8]) -> std::io::Result<u16> {
-        let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
-        self.stream.write_all(request).await?;
-        loop {
-            if let Some(hend) = find(&self.buf, b"\r\n\r\n") {
-                let head = std::str::from_utf8(&self.buf[..hend]).map_err(|_| bad("non-UTF-8 header".into()))?;
-                let status: u16 = head
-                    .split(' ')
-                    .nth(1)
-                    .and_then(|s| s.parse().ok())
-                    .ok_or_else(|| bad(format!("bad status line in {head:?}")))?;
-                let start = hend + 4;
-                if let Some(cl) = header_value(head, "content-length") {
-                    let cl: usize = cl.parse().map_err(|_| bad("bad content-length".into()))?;
-                    if self.buf.len() >= start + cl {
-                        self.body.clear();
-                        self.body.extend_from_slice(&self.buf[start..start + cl]);
-                        self.buf.drain(..start + cl);
-                        return Ok(status);
-                    }
-                } else if header_value(head, "transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-                    if let Some(used) = dechunk(&self.buf[start..], &mut self.body).map_err(bad)? {
-                        self.buf.drain(..start + used);
-                        return Ok(status);
-                    }
-                } else {
-                    self.body.clear();
-                    self.buf.drain(..start);
-                    return Ok(status);
-                }
-            }
-            if self.buf.len() > MAX_RESPONSE_BYTES {
-                return Err(bad("response too large".into()));
-            }
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
-                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
-            }
-        }
-    }
-}
 
 fn post(t: &Target, body: &[u8], out: &mut Vec<u8>) {
     out.clear();
