@@ -83,6 +83,7 @@ pub async fn push_replies(
                 route: conv.route.clone(),
                 reply,
                 attempt: 0,
+                draft: None,
             };
             NewOutbox {
                 reply_id: out.reply_id.clone(),

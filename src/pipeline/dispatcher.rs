@@ -51,7 +51,7 @@ async fn process_one(p: &Arc<Pipeline>, item: InboxItem, owner: &str) -> Option<
     let outcome = answer(p, &item).await;
     let m = p.metrics.channel(&item.channel_id);
     let result = match outcome {
-        Ok((inbound, replies)) => complete(p, &item, &owner, inbound, replies).await,
+        Ok((inbound, replies, draft)) => complete(p, &item, &owner, inbound, replies, draft).await,
         Err(Failure::Retry { message, retry_after }) if item.attempts < p.settings.max_attempts => {
             m.retried.fetch_add(1, Ordering::Relaxed);
             let delay = p.settings.backoff.delay_honouring(item.attempts, retry_after);
@@ -88,8 +88,9 @@ async fn process_one(p: &Arc<Pipeline>, item: InboxItem, owner: &str) -> Option<
     }
 }
 
-/// Asks the assistant. Answers the inbound and the replies, or why not.
-async fn answer(p: &Pipeline, item: &InboxItem) -> Result<(Inbound, Vec<Reply>), Failure> {
+/// Asks the assistant. Answers the inbound, the replies and the platform id of the draft a
+/// streamed answer was shown in (to be finished by the first reply), or why not.
+async fn answer(p: &Pipeline, item: &InboxItem) -> Result<(Inbound, Vec<Reply>, Option<String>), Failure> {
     let inbound: Inbound = serde_json::from_str(&item.payload)
         .map_err(|e| Failure::Dead(format!("the stored message cannot be read: {e}")))?;
     let snap = p.registry.snapshot();
@@ -142,6 +143,10 @@ async fn answer(p: &Pipeline, item: &InboxItem) -> Result<(Inbound, Vec<Reply>),
         }))
     });
     let started = Instant::now();
+    let drafts = channel
+        .instance
+        .clone()
+        .and_then(|instance| Some(Drafts::start(instance.clone(), instance.stream_interval()?, outbound(item, &inbound, 0, Reply::default()))));
     // A stream that never ends must not hold the lease forever.
     let budget = p.settings.lease.mul_f64(0.8);
     let collected = tokio::time::timeout(budget, async {
@@ -150,7 +155,11 @@ async fn answer(p: &Pipeline, item: &InboxItem) -> Result<(Inbound, Vec<Reply>),
         while let Some(event) = stream.next().await {
             match event? {
                 AssistantEvent::Reply(r) => replies.push(r),
-                AssistantEvent::Partial(_) => {}
+                AssistantEvent::Partial(text) => {
+                    if let Some(d) = &drafts {
+                        d.grow(text);
+                    }
+                }
             }
         }
         Ok::<_, AssistantError>(replies)
@@ -163,14 +172,113 @@ async fn answer(p: &Pipeline, item: &InboxItem) -> Result<(Inbound, Vec<Reply>),
         .channel(&item.channel_id)
         .assistant_latency
         .observe(started.elapsed());
-    match collected {
-        Err(_) => Err(Failure::Retry {
+    let draft = match drafts {
+        Some(d) => d.finish().await,
+        None => None,
+    };
+    let failure = match collected {
+        Err(_) => Failure::Retry {
             message: format!("the assistant did not finish within {} s", budget.as_secs()),
             retry_after: None,
-        }),
-        Ok(Err(AssistantError::Retryable { message, retry_after })) => Err(Failure::Retry { message, retry_after }),
-        Ok(Err(AssistantError::Permanent(message))) => Err(Failure::Dead(message)),
-        Ok(Ok(replies)) => Ok((inbound, replies)),
+        },
+        Ok(Err(AssistantError::Retryable { message, retry_after })) => Failure::Retry { message, retry_after },
+        Ok(Err(AssistantError::Permanent(message))) => Failure::Dead(message),
+        Ok(Ok(replies)) if !replies.is_empty() || draft.is_none() => return Ok((inbound, replies, draft)),
+        Ok(Ok(_)) => {
+            // Streamed text but no finished reply: the draft must not stay as if it were one.
+            discard_draft(channel.instance.as_deref(), item, &inbound, draft.as_deref()).await;
+            return Ok((inbound, Vec::new(), None));
+        }
+    };
+    // The answer is tried again from the start, with a new draft.
+    discard_draft(channel.instance.as_deref(), item, &inbound, draft.as_deref()).await;
+    Err(failure)
+}
+
+async fn discard_draft(instance: Option<&dyn patchbay_channel_core::Channel>, item: &InboxItem, inbound: &Inbound, draft: Option<&str>) {
+    if let (Some(instance), Some(id)) = (instance, draft) {
+        instance.stream_discard(&outbound(item, inbound, 0, Reply::default()), id).await;
+    }
+}
+
+/// The reply `index` of the answer to `item`, addressed like the inbound.
+fn outbound(item: &InboxItem, inbound: &Inbound, index: usize, reply: Reply) -> OutboundReply {
+    OutboundReply {
+        reply_id: reply_id(&item.channel_id, &item.event_id, index),
+        channel_id: ChannelId::from_trusted(item.channel_id.clone()),
+        conversation_id: conversation_id(&item.channel_id, &inbound.platform_conversation, inbound.thread.as_deref()),
+        platform_conversation: inbound.platform_conversation.clone(),
+        thread: reply.thread.clone().or_else(|| inbound.thread.clone()),
+        route: inbound.route.clone(),
+        reply,
+        attempt: 0,
+        draft: None,
+    }
+}
+
+/// A streamed answer shown growing in place: a task that posts the draft once the assistant
+/// has been writing for [`TYPING_DELAY`] (a quicker answer is simply sent) and then edits it
+/// at most once per interval with the newest text (intermediate texts are skipped).
+struct Drafts {
+    text: tokio::sync::watch::Sender<String>,
+    done: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<Option<String>>,
+}
+
+impl Drafts {
+    fn start(instance: Arc<dyn patchbay_channel_core::Channel>, every: Duration, template: OutboundReply) -> Drafts {
+        let (text, mut rx) = tokio::sync::watch::channel(String::new());
+        let done = tokio_util::sync::CancellationToken::new();
+        let stop = done.clone();
+        let task = tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(TYPING_DELAY) => {}
+                _ = stop.cancelled() => return None,
+            }
+            let mut draft = template;
+            let mut posted: Option<String> = None;
+            loop {
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() { break },
+                    _ = stop.cancelled() => break,
+                }
+                draft.reply.text = rx.borrow_and_update().clone();
+                if draft.reply.text.trim().is_empty() {
+                    continue;
+                }
+                match &posted {
+                    None => match instance.stream_start(&draft).await {
+                        Ok(d) if d.platform_message_id.is_some() => posted = d.platform_message_id,
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::warn!(channel = %draft.channel_id, error = %e, "could not post the streamed draft; the reply will be sent when finished");
+                            break;
+                        }
+                    },
+                    Some(id) => {
+                        if let Err(e) = instance.stream_update(&draft, id).await {
+                            tracing::debug!(channel = %draft.channel_id, error = %e, "draft not updated");
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop.cancelled() => break,
+                }
+            }
+            posted
+        });
+        Drafts { text, done, task }
+    }
+
+    fn grow(&self, text: String) {
+        self.text.send_replace(text);
+    }
+
+    /// Stops editing; answers the draft's platform id, if one was posted.
+    async fn finish(self) -> Option<String> {
+        self.done.cancel();
+        self.task.await.ok().flatten()
     }
 }
 
@@ -180,24 +288,17 @@ async fn complete(
     owner: &str,
     inbound: Inbound,
     replies: Vec<Reply>,
+    draft: Option<String>,
 ) -> Result<Option<InboxItem>, StoreError> {
     let waiter = p.take_waiter(&item.channel_id, &item.event_id);
     let now = patchbay_channel_core::now_ms();
     let not_before = if waiter.is_some() { now + INLINE_GRACE.as_millis() as i64 } else { 0 };
-    let channel_id = ChannelId::from_trusted(item.channel_id.clone());
-    let conv = conversation_id(&item.channel_id, &inbound.platform_conversation, inbound.thread.as_deref());
     let mut rows = Vec::with_capacity(replies.len());
     for (i, reply) in replies.iter().enumerate() {
-        let out = OutboundReply {
-            reply_id: reply_id(&item.channel_id, &item.event_id, i),
-            channel_id: channel_id.clone(),
-            conversation_id: conv.clone(),
-            platform_conversation: inbound.platform_conversation.clone(),
-            thread: reply.thread.clone().or_else(|| inbound.thread.clone()),
-            route: inbound.route.clone(),
-            reply: reply.clone(),
-            attempt: 0,
-        };
+        let mut out = outbound(item, &inbound, i, reply.clone());
+        if i == 0 {
+            out.draft = draft.clone();
+        }
         rows.push(NewOutbox {
             reply_id: out.reply_id.clone(),
             channel_id: item.channel_id.clone(),

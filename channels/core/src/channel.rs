@@ -148,6 +148,33 @@ pub trait Channel: Send + Sync + 'static {
     /// message.
     async fn typing(&self, _inbound: &Inbound) {}
 
+    /// How often a reply that the assistant streams may be edited in place, for kinds whose
+    /// platform can edit a posted message (`None`, the default: the finished reply is sent as
+    /// usual). The pipeline posts a draft with [`Channel::stream_start`] once the assistant has
+    /// been writing for a moment, edits it with [`Channel::stream_update`] at most this often,
+    /// and hands the finished reply to [`Channel::send`] with [`OutboundReply::draft`] set, so
+    /// the last edit is as durable as any reply.
+    fn stream_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Posts the text so far (`draft.reply.text`) of a reply still being written; answers the
+    /// platform's id of the new message. Best effort: a failure ends streaming for this
+    /// answer, and the finished reply is sent as usual.
+    async fn stream_start(&self, _draft: &OutboundReply) -> Result<Delivered, SendError> {
+        Err(SendError::Permanent("this channel cannot edit messages in place".into()))
+    }
+
+    /// Replaces the text of the draft message `message_id` with `draft.reply.text` (the kind
+    /// shortens it to what one message can hold). Best effort, like `stream_start`.
+    async fn stream_update(&self, _draft: &OutboundReply, _message_id: &str) -> Result<(), SendError> {
+        Err(SendError::Permanent("this channel cannot edit messages in place".into()))
+    }
+
+    /// Removes a draft whose answer failed or came to nothing (a retried answer starts a new
+    /// draft). Best effort: a failure is the kind's to log.
+    async fn stream_discard(&self, _draft: &OutboundReply, _message_id: &str) {}
+
     /// The long-lived part, if the kind has one; run by the supervisor while enabled.
     fn connector(&self) -> Option<Arc<dyn Connector>> {
         None

@@ -98,6 +98,11 @@ pub struct OutboundReply {
     pub reply: Reply,
     /// 1 on the first try.
     pub attempt: u32,
+    /// The platform's id of the message a streamed draft of this reply was posted as (see
+    /// [`crate::Channel::stream_start`]): `send` finishes that message by editing it instead
+    /// of posting a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draft: Option<String>,
 }
 
 /// What happened to a message handed to the inbox.

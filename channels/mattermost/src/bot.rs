@@ -44,6 +44,38 @@ impl Bot {
 
 pub struct WsChannel(pub Arc<Bot>);
 
+/// The channel and thread (root post id) a reply goes to.
+fn target(reply: &OutboundReply) -> Result<(String, String), SendError> {
+    let route = |k: &str| reply.route.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+    let channel_id = route("channel_id");
+    if channel_id.is_empty() {
+        return Err(SendError::Permanent("the conversation has no Mattermost channel id to post into".into()));
+    }
+    // The reply's own thread wins; else the message's thread (a root post id).
+    let root_id = reply.thread.clone().unwrap_or_else(|| route("root_id"));
+    Ok((channel_id, root_id))
+}
+
+/// A streamed draft's text: what one post can hold, marked as cut when longer (the finished
+/// reply is split into several posts).
+fn draft_text(draft: &OutboundReply) -> String {
+    let text = crate::incoming::render(&draft.reply);
+    match text.char_indices().nth(MAX_POST_RUNES - 1) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    }
+}
+
+fn send_error(e: RestError) -> SendError {
+    match e {
+        RestError::Permanent(m) if m.contains("403") => {
+            SendError::Permanent(format!("{m}: add the bot to the channel, or give it the post:channels / post:all permission"))
+        }
+        RestError::Unauthorized(m) => SendError::Unauthorized(format!("{m}: {}", crate::websocket::UNAUTHORIZED_HELP)),
+        e => e.into(),
+    }
+}
+
 #[async_trait]
 impl Channel for WsChannel {
     fn handle_hook<'a>(&'a self, _ctx: HookCtx, _req: HttpRequest, _body: web::Payload) -> LocalBoxFuture<'a, HttpResponse> {
@@ -59,36 +91,54 @@ impl Channel for WsChannel {
 
     async fn send(&self, reply: &OutboundReply) -> Result<Delivered, SendError> {
         let bot = &self.0;
-        let route = |k: &str| reply.route.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
-        let channel_id = route("channel_id");
-        if channel_id.is_empty() {
-            return Err(SendError::Permanent("the conversation has no Mattermost channel id to post into".into()));
-        }
-        // The reply's own thread wins; else the message's thread (a root post id).
-        let root_id = reply.thread.clone().unwrap_or_else(|| route("root_id"));
+        let (channel_id, root_id) = target(reply)?;
         let text = crate::incoming::render(&reply.reply);
         let parts = split_runes(&text, MAX_POST_RUNES);
         let done = bot.progress.lock().unwrap().get(&reply.reply_id).copied().unwrap_or(0);
         let mut last = None;
         for (i, part) in parts.iter().enumerate().skip(done) {
-            match bot.rest.create_post(&channel_id, part, &root_id).await {
+            let posted = match (&reply.draft, i) {
+                // A streamed draft becomes the reply's first part.
+                (Some(draft), 0) => match bot.rest.patch_post(draft, part).await {
+                    Ok(()) => Ok(draft.clone()),
+                    // Someone deleted the draft: post the reply anew.
+                    Err(RestError::Permanent(m)) if m.contains("answered 404") => bot.rest.create_post(&channel_id, part, &root_id).await,
+                    Err(e) => Err(e),
+                },
+                _ => bot.rest.create_post(&channel_id, part, &root_id).await,
+            };
+            match posted {
                 Ok(id) => last = Some(id),
                 Err(e) => {
                     if i > 0 {
                         bot.progress.lock().unwrap().insert(reply.reply_id.clone(), i);
                     }
-                    return Err(match e {
-                        RestError::Permanent(m) if m.contains("403") => SendError::Permanent(format!(
-                            "{m}: add the bot to the channel, or give it the post:channels / post:all permission"
-                        )),
-                        RestError::Unauthorized(m) => SendError::Unauthorized(format!("{m}: {}", crate::websocket::UNAUTHORIZED_HELP)),
-                        e => e.into(),
-                    });
+                    return Err(send_error(e));
                 }
             }
         }
         bot.progress.lock().unwrap().remove(&reply.reply_id);
         Ok(Delivered { platform_message_id: last })
+    }
+
+    fn stream_interval(&self) -> Option<Duration> {
+        self.0.settings.stream_edit_interval
+    }
+
+    async fn stream_start(&self, draft: &OutboundReply) -> Result<Delivered, SendError> {
+        let (channel_id, root_id) = target(draft)?;
+        let id = self.0.rest.create_post(&channel_id, &draft_text(draft), &root_id).await.map_err(send_error)?;
+        Ok(Delivered { platform_message_id: Some(id) })
+    }
+
+    async fn stream_update(&self, draft: &OutboundReply, message_id: &str) -> Result<(), SendError> {
+        self.0.rest.patch_post(message_id, &draft_text(draft)).await.map_err(send_error)
+    }
+
+    async fn stream_discard(&self, _draft: &OutboundReply, message_id: &str) {
+        if let Err(e) = self.0.rest.delete_post(message_id).await {
+            tracing::warn!(post = message_id, error = e.message(), "could not delete an unfinished streamed reply");
+        }
     }
 
     async fn check(&self) -> CheckReport {

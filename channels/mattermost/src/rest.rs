@@ -221,6 +221,18 @@ impl Rest {
         Ok(post.id)
     }
 
+    /// `PUT /api/v4/posts/{id}/patch`: replaces the post's message (the author may edit its
+    /// own posts; the post shows "(edited)").
+    pub async fn patch_post(&self, post_id: &str, message: &str) -> Result<(), RestError> {
+        let body = serde_json::json!({"message": message});
+        self.call(reqwest::Method::PUT, &format!("posts/{post_id}/patch"), &[], Some(&body)).await.map(|_| ())
+    }
+
+    /// `DELETE /api/v4/posts/{id}`.
+    pub async fn delete_post(&self, post_id: &str) -> Result<(), RestError> {
+        self.call(reqwest::Method::DELETE, &format!("posts/{post_id}"), &[], None).await.map(|_| ())
+    }
+
     /// `POST /api/v4/users/{id}/typing`.
     pub async fn typing(&self, user_id: &str, channel_id: &str, parent_id: &str) -> Result<(), RestError> {
         let body = serde_json::json!({"channel_id": channel_id, "parent_id": parent_id});

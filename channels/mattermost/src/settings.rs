@@ -58,6 +58,8 @@ struct Raw {
     typing_indicator: Option<bool>,
     #[serde(default)]
     ping_interval_ms: Option<u64>,
+    #[serde(default)]
+    stream_edit_interval_ms: Option<u64>,
 }
 
 /// Which posts in channels (not direct messages, which are always answered) reach the
@@ -88,6 +90,9 @@ pub struct WsSettings {
     /// How often the connector pings; a socket silent for two intervals is dead.
     pub ping_interval: Duration,
     pub send_timeout: Duration,
+    /// How often a reply that the assistant streams is edited in place (`None`: streaming
+    /// off, the finished reply is posted once).
+    pub stream_edit_interval: Option<Duration>,
 }
 
 /// A Mattermost channel's settings in either mode.
@@ -110,6 +115,7 @@ pub fn parse_any(value: &serde_json::Value) -> Result<AnySettings, SettingsError
                 ("respond_to", raw.respond_to.is_some()),
                 ("typing_indicator", raw.typing_indicator.is_some()),
                 ("ping_interval_ms", raw.ping_interval_ms.is_some()),
+                ("stream_edit_interval_ms", raw.stream_edit_interval_ms.is_some()),
             ];
             if let Some((field, _)) = ws_fields.iter().find(|(_, set)| *set) {
                 return Err(SettingsError::new(
@@ -183,6 +189,15 @@ impl WsSettings {
         if raw.send_timeout_ms == 0 || raw.send_timeout_ms > 120_000 {
             return Err(SettingsError::new("send_timeout_ms", "must be between 1 and 120000"));
         }
+        // Mattermost's default rate limit is 10 requests/s per user: an edit every half
+        // second leaves room for the bot's other posts.
+        let stream_edit = raw.stream_edit_interval_ms.unwrap_or(DEFAULT_STREAM_EDIT_MS);
+        if stream_edit != 0 && !(100..=60_000).contains(&stream_edit) {
+            return Err(SettingsError::new(
+                "stream_edit_interval_ms",
+                "must be 0 (post the finished reply only) or between 100 and 60000",
+            ));
+        }
         Ok(WsSettings {
             server_url: url,
             access_token,
@@ -192,9 +207,13 @@ impl WsSettings {
             typing_indicator: raw.typing_indicator.unwrap_or(true),
             ping_interval: Duration::from_millis(ping),
             send_timeout: Duration::from_millis(raw.send_timeout_ms),
+            stream_edit_interval: (stream_edit > 0).then(|| Duration::from_millis(stream_edit)),
         })
     }
 }
+
+/// The default pause between edits of a streamed reply, in milliseconds.
+pub const DEFAULT_STREAM_EDIT_MS: u64 = 500;
 
 fn default_inline_timeout_ms() -> u64 {
     // Under Mattermost's default OutgoingIntegrationRequestsTimeout of 30 s.
