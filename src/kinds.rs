@@ -7,6 +7,7 @@ pub fn all() -> Vec<Arc<dyn ChannelKind>> {
     vec![
         Arc::new(patchbay_channel_loopback::LoopbackKind),
         Arc::new(patchbay_channel_mattermost::MattermostKind),
+        Arc::new(patchbay_channel_symphony::SymphonyKind),
         Arc::new(patchbay_channel_webchat::WebchatKind),
     ]
 }

@@ -302,7 +302,7 @@ impl Registry {
             };
         }
         let built = secrets.map_err(|e| format!("secrets: {e}")).and_then(|s| {
-            assistants::build(&rec.backend, &merged(&rec.settings, &s), &self.http).map_err(|e| e.to_string())
+            assistants::build(&rec.id, &rec.backend, &merged(&rec.settings, &s), &self.assistant_env()).map_err(|e| e.to_string())
         });
         match built {
             Ok(b) => AssistantEntry {
@@ -403,12 +403,16 @@ impl Registry {
         errors
     }
 
+    fn assistant_env(&self) -> assistants::AssistantEnv {
+        assistants::AssistantEnv { http: self.http.clone(), log: self.log.clone() }
+    }
+
     fn prepare_assistant_from_config(&self, id: &str, table: &Table) -> Result<NewAssistant, ConfigError> {
         let key = |f: &str| format!("assistants.{id}.{f}");
         let backend = table
             .get("backend")
             .and_then(|v| v.as_str())
-            .ok_or_else(|| ConfigError::new(key("backend"), "is required: echo or webhook"))?
+            .ok_or_else(|| ConfigError::new(key("backend"), "is required: echo, webhook or openai"))?
             .to_owned();
         let mut settings = table.clone();
         settings.remove("backend");
@@ -418,7 +422,7 @@ impl Registry {
                 settings.insert((*field).to_owned(), Value::String(secret.expose().to_owned()));
             }
         }
-        assistants::build(&backend, &Value::Object(settings.clone()), &self.http)
+        assistants::build(id, &backend, &Value::Object(settings.clone()), &self.assistant_env())
             .map_err(|e| ConfigError::new(key(&e.field), e.message))?;
         Ok(NewAssistant {
             id: id.to_owned(),
@@ -698,7 +702,7 @@ impl Registry {
         };
         split_secrets(&a.settings, assistants::secret_fields(&a.backend))
             .map_err(|e| RegistryError::invalid(format!("settings.{}", e.field), e.message))?;
-        assistants::build(&a.backend, &Value::Object(a.settings.clone()), &self.http).map_err(|e| {
+        assistants::build(&a.id, &a.backend, &Value::Object(a.settings.clone()), &self.assistant_env()).map_err(|e| {
             if e.field == "backend" {
                 RegistryError::invalid("backend", e.message)
             } else {
@@ -732,7 +736,7 @@ impl Registry {
         }
         split_secrets(&all, assistants::secret_fields(&entry.record.backend))
             .map_err(|e| RegistryError::invalid(format!("settings.{}", e.field), e.message))?;
-        assistants::build(&entry.record.backend, &Value::Object(all.clone()), &self.http)
+        assistants::build(id, &entry.record.backend, &Value::Object(all.clone()), &self.assistant_env())
             .map_err(|e| RegistryError::invalid(format!("settings.{}", e.field), e.message))?;
         let rec = self.assistant_record(
             NewAssistant {

@@ -7,6 +7,8 @@ mod common;
 mod fake_mattermost;
 #[path = "common/recorder.rs"]
 mod recorder;
+#[path = "common/fake_openai.rs"]
+mod fake_openai;
 
 use fake_mattermost::{FakeMattermost, Post};
 use common::*;
@@ -359,4 +361,97 @@ async fn server_errors_are_retried_on_replies_and_on_reconnect() {
     w.wait_replies("town-square", 2).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(w.replies_in("town-square").len(), 2);
+}
+
+/// An `openai` assistant on the fake upstream, streaming word by word `delay` apart.
+async fn streaming_world(delay: Duration, extra: &str) -> (World, fake_openai::FakeOpenAi) {
+    let upstream = fake_openai::FakeOpenAi::start().await;
+    upstream.set_delay(delay);
+    let assistants = format!("[assistants.llm]\nbackend = \"openai\"\nbase_url = \"{}\"\nmodel = \"fake-model\"\n", upstream.base_url);
+    (start_with(&assistants, "llm", extra).await, upstream)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_answer_grows_in_place_and_ends_as_one_post() {
+    let (w, upstream) = streaming_world(Duration::from_millis(120), "stream_edit_interval_ms = 200").await;
+    let root = w.mm.user_posts("alice", "town-square", "@helpdesk tell me about the new VPN rollout please", None).await.post;
+    let expected = "You said: tell me about the new VPN rollout please";
+    let replies = eventually(T, "the streamed reply is finished", || async {
+        let r = w.replies_in("town-square");
+        (r.len() == 1 && r[0].message == expected).then_some(r)
+    })
+    .await;
+    let post = &replies[0];
+    assert_eq!(post.root_id, root.id, "the draft is posted in the thread");
+    // The draft was posted with the first words and then edited as the text grew: every
+    // edit is a longer prefix of the answer, the last one the whole answer.
+    let edits: Vec<String> = w.mm.post_edits().into_iter().filter(|(id, _)| *id == post.id).map(|(_, m)| m).collect();
+    assert!(edits.len() >= 2, "the post grew through several edits: {edits:?}");
+    assert_eq!(edits.last().map(String::as_str), Some(expected));
+    for pair in edits.windows(2) {
+        assert!(pair[1].starts_with(pair[0].trim_end()) && pair[1].len() >= pair[0].len(), "edits only grow: {edits:?}");
+    }
+    let created: Vec<_> = w
+        .mm
+        .rest_requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path == "/api/v4/posts")
+        .collect();
+    assert_eq!(created.len(), 1, "one post, edited in place, not one per piece: {created:?}");
+    let first = created[0].body["message"].as_str().unwrap_or("");
+    assert!(expected.starts_with(first.trim_end()) && first.len() < expected.len(), "the draft held the text so far: {first:?}");
+    assert!(w.mm.deleted_posts().is_empty());
+    assert_eq!(upstream.requests().len(), 1);
+    assert_eq!(upstream.requests()[0].body["stream"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_pieces_is_coalesced_into_few_edits() {
+    let (w, upstream) = streaming_world(Duration::ZERO, "stream_edit_interval_ms = 250").await;
+    // A first piece, a pause long enough for the draft to be posted, then 60 pieces in a
+    // burst: one edit per piece would be 60 edits; paced edits show only the newest text.
+    let mut pieces = vec![(Duration::ZERO, "Counting: ".to_owned())];
+    pieces.push((Duration::from_millis(700), "1 ".to_owned()));
+    pieces.extend((2..=60).map(|i| (Duration::from_millis(2), format!("{i} "))));
+    upstream.push(fake_openai::Script::Paced { pieces: pieces.clone() });
+    w.mm.user_posts("alice", "town-square", "@helpdesk count to sixty", None).await;
+    let expected: String = pieces.into_iter().map(|(_, p)| p).collect();
+    let replies = eventually(T, "the streamed reply is finished", || async {
+        let r = w.replies_in("town-square");
+        (r.len() == 1 && r[0].message.trim_end() == expected.trim_end()).then_some(r)
+    })
+    .await;
+    let edits = w.mm.post_edits().into_iter().filter(|(id, _)| *id == replies[0].id).count();
+    assert!((1..=10).contains(&edits), "60 pieces shown in a few paced edits, not one each: {edits}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_fails_midway_leaves_no_half_answer_behind() {
+    let (w, upstream) = streaming_world(Duration::from_millis(100), "stream_edit_interval_ms = 100").await;
+    upstream.push(fake_openai::Script::FailMidStream {
+        pieces: fake_openai::pieces("This answer will break off before it is finished"),
+        delay: Duration::from_millis(100),
+        message: "The server is overloaded".into(),
+    });
+    w.mm.user_posts("alice", "town-square", "@helpdesk are you there", None).await;
+    // The failed attempt's draft is deleted; the retry answers in full.
+    let replies = eventually(T, "the retried answer", || async {
+        let r = w.replies_in("town-square");
+        (r.len() == 1 && r[0].message == "You said: are you there").then_some(r)
+    })
+    .await;
+    let deleted = w.mm.deleted_posts();
+    assert_eq!(deleted.len(), 1, "the broken draft was removed");
+    assert_ne!(deleted[0], replies[0].id);
+    assert!(w.mm.post(&deleted[0]).is_none());
+    assert_eq!(upstream.requests().len(), 2, "tried again after the mid-stream error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_streaming_off_the_finished_answer_is_posted_once() {
+    let (w, _upstream) = streaming_world(Duration::from_millis(80), "stream_edit_interval_ms = 0").await;
+    w.mm.user_posts("alice", "town-square", "@helpdesk one two three four five six", None).await;
+    let replies = w.wait_replies("town-square", 1).await;
+    assert_eq!(replies[0].message, "You said: one two three four five six");
+    assert!(w.mm.post_edits().is_empty(), "nothing edited");
 }

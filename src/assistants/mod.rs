@@ -2,6 +2,7 @@
 //! that streaming backends (deltas as the text grows) and one-shot backends share one trait.
 
 pub mod echo;
+pub mod openai;
 pub mod webhook;
 
 use async_trait::async_trait;
@@ -40,10 +41,8 @@ pub struct ConversationRef {
 /// One step of an answer.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AssistantEvent {
-    /// The reply being written grew to this text (streaming backends); channels that can
-    /// edit a message in place show it, the others wait for the `Reply`. No backend of this
-    /// build streams yet: the `openai` backend will.
-    #[allow(dead_code)]
+    /// The reply being written grew to this text (streaming backends: `openai`); channels
+    /// that can edit a message in place show it, the others wait for the `Reply`.
     Partial(String),
     /// A finished reply.
     Reply(Reply),
@@ -75,22 +74,34 @@ pub trait Assistant: Send + Sync + 'static {
 pub fn secret_fields(backend: &str) -> &'static [&'static str] {
     match backend {
         "webhook" => &["secret", "api_key"],
+        "openai" => &["upstream_api_key", "api_key"],
         _ => &["api_key"],
     }
 }
 
-/// Builds a backend from its settings (secrets resolved). Errors name the field.
+/// What a backend may use besides its settings.
+#[derive(Clone)]
+pub struct AssistantEnv {
+    pub http: reqwest::Client,
+    /// Where backends that remember conversations (`openai`) keep their turns.
+    pub log: Arc<dyn patchbay_channel_core::ConversationLog>,
+}
+
+/// Builds the backend of assistant `id` from its settings (secrets resolved). Errors name
+/// the field.
 pub fn build(
+    id: &str,
     backend: &str,
     settings: &serde_json::Value,
-    http: &reqwest::Client,
+    env: &AssistantEnv,
 ) -> Result<Arc<dyn Assistant>, SettingsError> {
     match backend {
         "echo" => echo::build(settings),
-        "webhook" => webhook::build(settings, http),
+        "webhook" => webhook::build(settings, &env.http),
+        "openai" => openai::build(id, settings, &env.http, env.log.clone()),
         other => Err(SettingsError::new(
             "backend",
-            format!("unknown backend `{other}`: use echo or webhook"),
+            format!("unknown backend `{other}`: use echo, webhook or openai"),
         )),
     }
 }

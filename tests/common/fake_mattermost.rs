@@ -1357,6 +1357,10 @@ struct State {
     rest_faults: VecDeque<u16>,
     /// `POST /api/v4/users/{id}/typing` and `user_typing` actions: (user id, channel id, parent id).
     typing: Vec<(String, String, String)>,
+    /// `PUT /api/v4/posts/{id}/patch` that changed a message: (post id, new message).
+    edits: Vec<(String, String)>,
+    /// `DELETE /api/v4/posts/{id}`: the ids, in order.
+    deleted: Vec<String>,
 }
 
 /// A planned firing of one hook (`handleWebhookEvents`).
@@ -1910,6 +1914,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/api/v4/users/{user_id}/typing").route(web::post().to(rest_typing)));
     cfg.service(web::resource("/api/v4/channels/{channel_id}/posts").route(web::get().to(rest_channel_posts)));
     cfg.service(web::resource("/api/v4/posts").route(web::post().to(rest_create_post)));
+    cfg.service(web::resource("/api/v4/posts/{post_id}/patch").route(web::put().to(rest_patch_post)));
+    cfg.service(web::resource("/api/v4/posts/{post_id}").route(web::delete().to(rest_delete_post)));
 }
 
 async fn method_not_allowed() -> HttpResponse {
@@ -2109,6 +2115,8 @@ impl FakeMattermost {
                 rest: Vec::new(),
                 rest_faults: VecDeque::new(),
                 typing: Vec::new(),
+                edits: Vec::new(),
+                deleted: Vec::new(),
             }),
             posted,
             ws: Mutex::new(WsHub { allow_resume: true, ..Default::default() }),
@@ -2750,7 +2758,11 @@ impl Recorder {
 //   every `Settings::ws_ping_interval`; `user_typing` recorded; seq ≤ 0 → FAIL bad_seq.
 // - Revoking a token closes its sockets at once (a real server notices within its 5 s auth
 //   check).
-// Simplifications: one node; posts are never edited or deleted; `create_at` strictly
+// - `PUT /posts/{id}/patch` (`message`) and `DELETE /posts/{id}`: only the author (or a
+//   system admin); an unknown or deleted post → 404 `app.post.get.app_error`; a deleted
+//   post leaves the channel's post list.
+// Simplifications: one node; edits and deletions send no `post_edited` / `post_deleted`
+// events; `create_at` strictly
 // increases (a real server can give two posts the same millisecond); no inactive-session
 // reaping after 5 minutes (refuse resumes instead).
 
@@ -3245,6 +3257,70 @@ async fn rest_create_post(req: HttpRequest, body: web::Bytes, shared: web::Data<
     }
 }
 
+/// `PUT /api/v4/posts/{post_id}/patch` (`api4/post.go patchPost`): the fields this fake
+/// models are `message` only.
+async fn rest_patch_post(req: HttpRequest, path: web::Path<String>, body: web::Bytes, shared: web::Data<Arc<Shared>>) -> HttpResponse {
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let me = match rest_begin(&req, &shared, &body) {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let post_id = path.into_inner();
+    let result = {
+        let mut st = shared.state.lock().unwrap();
+        let max = st.settings.max_post_size;
+        match st.posts.iter().position(|p| p.id == post_id) {
+            None => Err(AppError::new("app.post.get.app_error", "Unable to get the post.", 404)),
+            Some(i) if st.posts[i].user_id != me.id && !me.is_system_admin => Err(no_permission()),
+            Some(i) => match body.get("message").and_then(Value::as_str) {
+                Some(m) if rune_count(m) > max => Err(AppError::new(
+                    "model.post.is_valid.message_length.app_error",
+                    "Message property is longer than the maximum permitted length.",
+                    400,
+                )),
+                Some(m) => {
+                    st.posts[i].message = m.to_owned();
+                    st.edits.push((post_id.clone(), m.to_owned()));
+                    Ok(st.posts[i].to_api_json())
+                }
+                None => Ok(st.posts[i].to_api_json()),
+            },
+        }
+    };
+    match result {
+        Ok(mut post) => {
+            post["edit_at"] = Value::from(now_millis());
+            finish(&shared, 200, &post)
+        }
+        Err(e) => fail(&shared, e),
+    }
+}
+
+/// `DELETE /api/v4/posts/{post_id}`.
+async fn rest_delete_post(req: HttpRequest, path: web::Path<String>, shared: web::Data<Arc<Shared>>) -> HttpResponse {
+    let me = match rest_begin(&req, &shared, &Value::Null) {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let post_id = path.into_inner();
+    let result = {
+        let mut st = shared.state.lock().unwrap();
+        match st.posts.iter().position(|p| p.id == post_id) {
+            None => Err(AppError::new("app.post.get.app_error", "Unable to get the post.", 404)),
+            Some(i) if st.posts[i].user_id != me.id && !me.is_system_admin => Err(no_permission()),
+            Some(i) => {
+                st.posts.remove(i);
+                st.deleted.push(post_id);
+                Ok(())
+            }
+        }
+    };
+    match result {
+        Ok(()) => finish(&shared, 200, &serde_json::json!({"status": "OK"})),
+        Err(e) => fail(&shared, e),
+    }
+}
+
 // ---- WebSocket frames (RFC 6455), enough for JSON text frames and control frames ----
 
 /// One frame (fragments are reassembled by [`FrameReader`]).
@@ -3624,6 +3700,16 @@ impl FakeMattermost {
 
     pub fn rest_requests(&self) -> Vec<RestRequest> {
         self.state().rest.clone()
+    }
+
+    /// Message edits so far (`PUT /posts/{id}/patch`): (post id, new message), in order.
+    pub fn post_edits(&self) -> Vec<(String, String)> {
+        self.state().edits.clone()
+    }
+
+    /// Posts deleted so far, in order.
+    pub fn deleted_posts(&self) -> Vec<String> {
+        self.state().deleted.clone()
     }
 
     /// Typing indicators so far: (user id, channel id, parent id).
