@@ -8,6 +8,7 @@ pub fn all() -> Vec<Arc<dyn ChannelKind>> {
         Arc::new(patchbay_channel_loopback::LoopbackKind),
         Arc::new(patchbay_channel_mattermost::MattermostKind),
         Arc::new(patchbay_channel_symphony::SymphonyKind),
+        Arc::new(patchbay_channel_slack::SlackKind),
         Arc::new(patchbay_channel_webchat::WebchatKind),
     ]
 }

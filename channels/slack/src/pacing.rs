@@ -1,0 +1,61 @@
+//! Per-channel pacing of `chat.postMessage`: Slack "generally allows posting one message per
+//! second per channel", with short bursts. A generic cell rate algorithm per (workspace,
+//! channel): one message per `interval`, up to `burst` at once after a quiet spell.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::time::Instant;
+
+pub struct Pacer {
+    interval: Duration,
+    burst: u32,
+    /// key → theoretical arrival time of the next message.
+    tat: Mutex<HashMap<String, Instant>>,
+}
+
+impl Pacer {
+    pub fn new(interval: Duration, burst: u32) -> Pacer {
+        Pacer { interval, burst: burst.max(1), tat: Mutex::new(HashMap::new()) }
+    }
+
+    /// Reserves the next slot of `key`: `Ok(wait)` — post after `wait` (zero within a burst);
+    /// `Err(wait)` — the slot is further away than `max_wait`, nothing reserved (the caller
+    /// gives the reply back to the queue instead of holding a sender for that long).
+    pub fn reserve(&self, key: &str, max_wait: Duration) -> Result<Duration, Duration> {
+        let now = Instant::now();
+        let tolerance = self.interval * (self.burst - 1);
+        let mut map = self.tat.lock().unwrap();
+        if map.len() > 10_000 {
+            map.retain(|_, t| *t > now);
+        }
+        let tat = map.get(key).copied().filter(|t| *t > now).unwrap_or(now);
+        let earliest = tat.checked_sub(tolerance).unwrap_or(now);
+        let wait = earliest.saturating_duration_since(now);
+        if wait > max_wait {
+            return Err(wait);
+        }
+        map.insert(key.to_owned(), tat + self.interval);
+        Ok(wait)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn bursts_then_one_per_interval_per_key() {
+        let p = Pacer::new(Duration::from_secs(1), 3);
+        let max = Duration::from_secs(5);
+        assert_eq!(p.reserve("C1", max), Ok(Duration::ZERO));
+        assert_eq!(p.reserve("C1", max), Ok(Duration::ZERO));
+        assert_eq!(p.reserve("C1", max), Ok(Duration::ZERO));
+        assert_eq!(p.reserve("C1", max), Ok(Duration::from_secs(1)));
+        assert_eq!(p.reserve("C1", max), Ok(Duration::from_secs(2)));
+        assert_eq!(p.reserve("C2", max), Ok(Duration::ZERO), "another channel has its own pace");
+        assert_eq!(p.reserve("C1", Duration::from_millis(500)), Err(Duration::from_secs(3)), "too far: nothing reserved");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(p.reserve("C1", max), Ok(Duration::ZERO), "a quiet spell refills the burst");
+    }
+}
