@@ -16,6 +16,7 @@ pub mod pacing;
 pub mod render;
 pub mod settings;
 pub mod signature;
+pub mod socket;
 
 use actix_web::{http::StatusCode, web, HttpRequest, HttpResponse};
 use api::{Api, ApiError};
@@ -246,7 +247,11 @@ impl Channel for SlackChannel {
     }
 
     fn connector(&self) -> Option<Arc<dyn Connector>> {
-        Some(Arc::new(IdentityConnector(self.0.clone())))
+        if self.0.settings.socket_mode {
+            Some(Arc::new(socket::SocketConnector(self.0.clone())))
+        } else {
+            Some(Arc::new(IdentityConnector(self.0.clone())))
+        }
     }
 }
 
