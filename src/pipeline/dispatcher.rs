@@ -10,10 +10,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How long an inline answer (Mattermost's response body, web chat's webhook) has to be
-/// handed over before the outbox delivers the same replies through the channel.
-const INLINE_GRACE: Duration = Duration::from_secs(5);
-
 /// How long the assistant may work before a typing indicator is shown.
 const TYPING_DELAY: Duration = Duration::from_millis(300);
 
@@ -36,7 +32,7 @@ enum Failure {
 
 /// Processes a claimed message and then, holding the same slot, each next message of its
 /// conversation that the completion claimed along (see `Store::inbox_complete`).
-async fn process(p: Arc<Pipeline>, item: InboxItem, owner: String) {
+pub(crate) async fn process(p: Arc<Pipeline>, item: InboxItem, owner: String) {
     let mut current = Some(item);
     while let Some(item) = current.take() {
         current = process_one(&p, item, &owner).await;
@@ -290,9 +286,11 @@ async fn complete(
     replies: Vec<Reply>,
     draft: Option<String>,
 ) -> Result<Option<InboxItem>, StoreError> {
+    // A request still waiting for this answer (Mattermost's inline reply, web chat's
+    // webhook) takes the replies in its response: they are not queued at all. The waiter is
+    // taken here, so the request no longer gives up on its own: it waits for them.
     let waiter = p.take_waiter(&item.channel_id, &item.event_id);
     let now = patchbay_channel_core::now_ms();
-    let not_before = if waiter.is_some() { now + INLINE_GRACE.as_millis() as i64 } else { 0 };
     let mut rows = Vec::with_capacity(replies.len());
     for (i, reply) in replies.iter().enumerate() {
         let mut out = outbound(item, &inbound, i, reply.clone());
@@ -305,10 +303,12 @@ async fn complete(
             conversation_id: item.conversation_id.clone(),
             payload: serde_json::to_string(&out).unwrap_or_default(),
             received_at: item.received_at,
-            not_before,
+            not_before: 0,
         });
     }
-    let ids: Vec<String> = rows.iter().map(|r| r.reply_id.clone()).collect();
+    let inline = waiter.is_some();
+    let queued = if inline { Vec::new() } else { std::mem::take(&mut rows) };
+    let any_queued = !queued.is_empty();
     let conversation = ConversationRecord {
         id: item.conversation_id.clone(),
         channel_id: item.channel_id.clone(),
@@ -318,21 +318,24 @@ async fn complete(
         updated_at: now,
     };
     let next = p.chain_claim(&item.channel_id);
-    let next = p.store.inbox_complete(item.id, owner, rows, conversation, next).await?;
+    let next = p.store.inbox_complete(item.id, owner, queued, conversation, next).await?;
     if let Some(tx) = waiter {
+        let n = replies.len();
         if tx.send(replies).is_ok() {
-            // Answered inline: the queued copies are not needed.
             let m = p.metrics.channel(&item.channel_id);
-            m.delivered.fetch_add(ids.len() as u64, Ordering::Relaxed);
+            m.delivered.fetch_add(n as u64, Ordering::Relaxed);
             m.end_to_end_latency
                 .observe(Duration::from_millis((patchbay_channel_core::now_ms() - item.received_at).max(0) as u64));
-            if !ids.is_empty() {
-                p.store.outbox_cancel(ids).await?;
-            }
             return Ok(next);
         }
+        // The request went away (its client hung up) after all: deliver through the channel.
+        if !rows.is_empty() {
+            p.store.outbox_put(rows).await?;
+            p.outbox_wake.notify_one();
+        }
+        return Ok(next);
     }
-    if !ids.is_empty() {
+    if any_queued {
         p.outbox_wake.notify_one();
     }
     Ok(next)

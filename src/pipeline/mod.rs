@@ -16,7 +16,7 @@ pub mod sender;
 
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::store::{ChainClaim, Claim, NewInbox, Store};
+use crate::store::{ChainClaim, Claim, NewInbox, PutClaimed, Store};
 use async_trait::async_trait;
 use patchbay_channel_core::{
     backoff::Backoff, Accepted, ChannelId, ConversationId, Inbound, Inbox, InboxError, Reply, WaitOutcome,
@@ -74,6 +74,8 @@ pub struct Pipeline {
     pub(crate) stop: CancellationToken,
     pub(crate) dispatch_slots: Arc<Semaphore>,
     pub(crate) send_slots: Arc<Semaphore>,
+    /// Itself, for the tasks an inline request starts.
+    me: std::sync::Weak<Pipeline>,
 }
 
 /// The stable id of (channel, platform conversation, thread).
@@ -113,7 +115,8 @@ impl Pipeline {
         settings: PipelineSettings,
     ) -> Arc<Pipeline> {
         let replica = patchbay_channel_core::ids::random_token(10);
-        Arc::new(Pipeline {
+        Arc::new_cyclic(|me| Pipeline {
+            me: me.clone(),
             dispatch_slots: Arc::new(Semaphore::new(settings.concurrency)),
             send_slots: Arc::new(Semaphore::new(settings.concurrency)),
             store,
@@ -178,8 +181,9 @@ impl Pipeline {
         w.remove(&(channel.to_owned(), event_id.to_owned())).filter(|tx| !tx.is_closed())
     }
 
-    fn forget_waiter(&self, key: &WaiterKey) {
-        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+    /// Removes a waiter; answers whether it was still there (not yet taken by the answer).
+    fn forget_waiter(&self, key: &WaiterKey) -> bool {
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(key).is_some()
     }
 
     /// Stops claiming new work and waits up to `grace` for in-flight work; what is not done
@@ -209,37 +213,83 @@ impl Pipeline {
         }
     }
 
+    fn new_inbox(channel: &ChannelId, i: &Inbound) -> Result<NewInbox, InboxError> {
+        Ok(NewInbox {
+            channel_id: channel.as_str().to_owned(),
+            event_id: i.event_id.clone(),
+            conversation_id: conversation_id(channel.as_str(), &i.platform_conversation, i.thread.as_deref()).to_string(),
+            payload: serde_json::to_string(i).map_err(|e| InboxError::Unavailable(e.to_string()))?,
+            received_at: i.received_at,
+        })
+    }
+
+    fn unavailable(channel: &ChannelId, e: crate::store::StoreError) -> InboxError {
+        tracing::error!(channel = %channel, error = %e, "inbox write failed");
+        InboxError::Unavailable(e.to_string())
+    }
+
+    fn counted(&self, channel: &ChannelId, received: usize, new: usize, started: Instant) {
+        let m = self.metrics.channel(channel.as_str());
+        m.received.fetch_add(received as u64, Ordering::Relaxed);
+        m.acknowledged.fetch_add(new as u64, Ordering::Relaxed);
+        m.duplicates.fetch_add((received - new) as u64, Ordering::Relaxed);
+        m.ack_latency.observe(started.elapsed());
+    }
+
     async fn put(&self, channel: &ChannelId, inbound: Vec<Inbound>) -> Result<Vec<Accepted>, InboxError> {
         let started = Instant::now();
-        let m = self.metrics.channel(channel.as_str());
         let now = patchbay_channel_core::now_ms();
-        let items = inbound
-            .iter()
-            .map(|i| {
-                Ok(NewInbox {
-                    channel_id: channel.as_str().to_owned(),
-                    event_id: i.event_id.clone(),
-                    conversation_id: conversation_id(channel.as_str(), &i.platform_conversation, i.thread.as_deref())
-                        .to_string(),
-                    payload: serde_json::to_string(i).map_err(|e| InboxError::Unavailable(e.to_string()))?,
-                    received_at: i.received_at,
-                })
-            })
-            .collect::<Result<Vec<_>, InboxError>>()?;
-        m.received.fetch_add(items.len() as u64, Ordering::Relaxed);
+        let items = inbound.iter().map(|i| Self::new_inbox(channel, i)).collect::<Result<Vec<_>, InboxError>>()?;
         let dedupe_until = now + self.settings.dedupe_window.as_millis() as i64;
-        let accepted = self.store.inbox_put(items, dedupe_until).await.map_err(|e| {
-            tracing::error!(channel = %channel, error = %e, "inbox write failed");
-            InboxError::Unavailable(e.to_string())
-        })?;
-        let new = accepted.iter().filter(|a| **a == Accepted::New).count() as u64;
-        m.acknowledged.fetch_add(new, Ordering::Relaxed);
-        m.duplicates.fetch_add(accepted.len() as u64 - new, Ordering::Relaxed);
-        m.ack_latency.observe(started.elapsed());
+        let received = items.len();
+        let accepted = self.store.inbox_put(items, dedupe_until).await.map_err(|e| Self::unavailable(channel, e))?;
+        let new = accepted.iter().filter(|a| **a == Accepted::New).count();
+        self.counted(channel, received, new, started);
         if new > 0 {
             self.inbox_wake.notify_one();
         }
         Ok(accepted)
+    }
+
+    /// Stores a message for a request that waits for its answer, and has it answered at once
+    /// by a task of its own (not through the dispatcher's claim loop) when its conversation
+    /// has nothing else queued: one write fewer and no hand-over before the assistant is asked.
+    async fn put_and_answer(&self, channel: &ChannelId, inbound: Inbound) -> Result<Accepted, InboxError> {
+        let started = Instant::now();
+        let item = Self::new_inbox(channel, &inbound)?;
+        let claim = self.claim(1);
+        let dedupe_until = claim.now + self.settings.dedupe_window.as_millis() as i64;
+        let put = self
+            .store
+            .inbox_put_claimed(item, dedupe_until, claim.owner.clone(), claim.lease_until)
+            .await
+            .map_err(|e| Self::unavailable(channel, e))?;
+        match put {
+            PutClaimed::Duplicate => {
+                self.counted(channel, 1, 0, started);
+                Ok(Accepted::Duplicate)
+            }
+            PutClaimed::Queued => {
+                self.counted(channel, 1, 1, started);
+                self.inbox_wake.notify_one();
+                Ok(Accepted::New)
+            }
+            PutClaimed::Claimed(item) => {
+                self.counted(channel, 1, 1, started);
+                // Without a pipeline (shutting down) the lease expires and the message is
+                // answered at the next start.
+                if let Some(p) = self.me.upgrade() {
+                    let slots = p.dispatch_slots.clone();
+                    tokio::spawn(async move {
+                        // Counted against the dispatcher's concurrency, and waited for by a
+                        // graceful shutdown like its work.
+                        let Ok(_slot) = slots.acquire_owned().await else { return };
+                        dispatcher::process(p, item, claim.owner).await;
+                    });
+                }
+                Ok(Accepted::New)
+            }
+        }
     }
 }
 
@@ -266,7 +316,7 @@ impl Inbox for Pipeline {
         let key = (channel.as_str().to_owned(), inbound.event_id.clone());
         let (tx, rx) = oneshot::channel();
         self.waiters.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), tx);
-        let accepted = match self.accept(channel, inbound).await {
+        let accepted = match self.put_and_answer(channel, inbound).await {
             Ok(a) => a,
             Err(e) => {
                 self.forget_waiter(&key);
@@ -277,12 +327,17 @@ impl Inbox for Pipeline {
             self.forget_waiter(&key);
             return Ok(WaitOutcome::Duplicate);
         }
-        match tokio::time::timeout(timeout, rx).await {
+        let mut rx = rx;
+        match tokio::time::timeout(timeout, &mut rx).await {
             Ok(Ok(replies)) => Ok(WaitOutcome::Replies(replies)),
-            _ => {
-                self.forget_waiter(&key);
-                Ok(WaitOutcome::Pending)
-            }
+            Ok(Err(_)) => Ok(WaitOutcome::Pending),
+            Err(_) if self.forget_waiter(&key) => Ok(WaitOutcome::Pending),
+            // The answer took the waiter just now: its replies are being committed for this
+            // response and are not queued, so wait for them (a store error drops the sender).
+            Err(_) => match rx.await {
+                Ok(replies) => Ok(WaitOutcome::Replies(replies)),
+                Err(_) => Ok(WaitOutcome::Pending),
+            },
         }
     }
 }

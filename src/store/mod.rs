@@ -114,6 +114,15 @@ pub struct NewInbox {
     pub received_at: i64,
 }
 
+/// What [`Store::inbox_put_claimed`] did.
+#[derive(Clone, Debug)]
+pub enum PutClaimed {
+    Duplicate,
+    /// Stored unclaimed behind an earlier message of its conversation.
+    Queued,
+    Claimed(InboxItem),
+}
+
 #[derive(Clone, Debug)]
 pub struct InboxItem {
     pub id: i64,
@@ -235,6 +244,11 @@ pub trait Store: Send + Sync + 'static {
     /// within the dedupe window (`dedupe_until` is when this sighting expires).
     async fn inbox_put(&self, items: Vec<NewInbox>, dedupe_until: i64) -> StoreResult<Vec<Accepted>>;
     async fn inbox_claim(&self, claim: Claim) -> StoreResult<Vec<InboxItem>>;
+    /// Stores one message already claimed by `owner` until `lease_until`, for a request that
+    /// has it answered at once (an inline reply) — unless it is a duplicate, or a message of
+    /// its conversation is already in the inbox: then it is stored unclaimed, to be answered
+    /// in its turn.
+    async fn inbox_put_claimed(&self, item: NewInbox, dedupe_until: i64, owner: String, lease_until: i64) -> StoreResult<PutClaimed>;
     /// Removes the answered message and queues its replies, atomically. With `next`, the
     /// same commit claims the next message of the conversation (when it is due and free)
     /// under the same owner, so a busy conversation does not wait for a new claim round.
@@ -257,8 +271,6 @@ pub trait Store: Send + Sync + 'static {
     /// Removes the delivered reply; with `next`, claims the conversation's next reply in
     /// the same commit (as [`Store::inbox_complete`]).
     async fn outbox_done(&self, id: i64, owner: &str, next: Option<ChainClaim>) -> StoreResult<Option<OutboxItem>>;
-    /// Removes a reply that was delivered another way (an inline answer).
-    async fn outbox_cancel(&self, reply_ids: Vec<String>) -> StoreResult<()>;
     async fn outbox_release(&self, id: i64, owner: &str, next_at: i64, error: &str) -> StoreResult<()>;
     async fn outbox_dead(&self, id: i64, owner: &str, reason: &str) -> StoreResult<()>;
 

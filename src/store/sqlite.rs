@@ -626,6 +626,51 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn inbox_put_claimed(&self, it: NewInbox, dedupe_until: i64, owner: String, lease_until: i64) -> StoreResult<PutClaimed> {
+        self.run(move |c| {
+            let now = patchbay_channel_core::now_ms();
+            let fresh = c
+                .prepare_cached(
+                    "INSERT INTO dedupe (channel_id, event_id, expires_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (channel_id, event_id) DO UPDATE SET expires_at = excluded.expires_at
+                     WHERE dedupe.expires_at < ?4",
+                )
+                .and_then(|mut s| s.execute(params![it.channel_id, it.event_id, dedupe_until, now]))
+                .map_err(db)?
+                > 0;
+            if !fresh {
+                return Ok(PutClaimed::Duplicate);
+            }
+            let busy = c
+                .prepare_cached("SELECT 1 FROM inbox WHERE conversation_id = ?1 LIMIT 1")
+                .and_then(|mut s| s.exists(params![it.conversation_id]))
+                .map_err(db)?;
+            if busy {
+                c.prepare_cached(
+                    "INSERT INTO inbox (channel_id, event_id, conversation_id, payload, received_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .and_then(|mut s| s.execute(params![it.channel_id, it.event_id, it.conversation_id, it.payload, it.received_at]))
+                .map_err(db)?;
+                return Ok(PutClaimed::Queued);
+            }
+            c.prepare_cached(
+                "INSERT INTO inbox (channel_id, event_id, conversation_id, payload, received_at, lease_owner, lease_until, attempts)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1)
+                 RETURNING id, channel_id, event_id, conversation_id, payload, attempts, received_at",
+            )
+            .and_then(|mut s| {
+                s.query_row(
+                    params![it.channel_id, it.event_id, it.conversation_id, it.payload, it.received_at, owner, lease_until],
+                    inbox_row,
+                )
+            })
+            .map(PutClaimed::Claimed)
+            .map_err(db)
+        })
+        .await
+    }
+
     async fn inbox_claim(&self, claim: Claim) -> StoreResult<Vec<InboxItem>> {
         self.run(move |c| {
             let mut stmt = c.prepare_cached(CLAIM_INBOX).map_err(db)?;
@@ -719,19 +764,6 @@ impl Store for SqliteStore {
                         .optional()
                 })
                 .map_err(db)
-        })
-        .await
-    }
-
-    async fn outbox_cancel(&self, reply_ids: Vec<String>) -> StoreResult<()> {
-        self.run(move |c| {
-            let mut stmt = c
-                .prepare_cached("DELETE FROM outbox WHERE reply_id = ?1 AND lease_owner IS NULL")
-                .map_err(db)?;
-            for id in &reply_ids {
-                stmt.execute(params![id]).map_err(db)?;
-            }
-            Ok(())
         })
         .await
     }
