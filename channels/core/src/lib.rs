@@ -25,7 +25,7 @@ pub use message::{
     WaitOutcome,
 };
 pub use secret::{ct_eq, Secret};
-pub use settings::{parse_settings, SettingsError};
+pub use settings::{parse_json_body, parse_settings, SettingsError};
 pub use status::{ChannelState, ChannelStatus, StatusHandle};
 
 /// Milliseconds since the Unix epoch, the one clock unit stored and exchanged everywhere.

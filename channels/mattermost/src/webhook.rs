@@ -99,13 +99,9 @@ impl OutgoingPayload {
 pub fn parse(content_type: &str, body: &[u8]) -> Result<(OutgoingPayload, bool), (String, String)> {
     let media = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     match media.as_str() {
-        "application/json" => {
-            let value: serde_json::Value = serde_json::from_slice(body)
-                .map_err(|e| ("body".to_owned(), format!("the body is not JSON: {e}")))?;
-            patchbay_channel_core::parse_settings::<OutgoingPayload>(&value)
-                .map(|p| (p, false))
-                .map_err(|e| (e.field, e.message))
-        }
+        "application/json" => patchbay_channel_core::parse_json_body::<OutgoingPayload>(body)
+            .map(|p| (p, false))
+            .map_err(|e| (e.field, e.message)),
         "application/x-www-form-urlencoded" => {
             let fields: HashMap<String, String> = serde_urlencoded::from_bytes(body)
                 .map_err(|e| ("body".to_owned(), format!("the body is not a form: {e}")))?;
