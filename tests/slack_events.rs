@@ -6,6 +6,8 @@ mod common;
 mod fake_slack;
 #[path = "common/recorder.rs"]
 mod recorder;
+#[path = "common/fake_openai.rs"]
+mod fake_openai;
 
 use common::*;
 use fake_slack::{Fault, FakeSlack, BOT_USER};
@@ -420,4 +422,56 @@ async fn settings_errors_name_the_field() {
         assert!(v["error"]["field"].as_str().unwrap_or("").ends_with(field), "{v}");
         assert!(!v.to_string().contains("xoxp-1-2"), "the value is not echoed: {v}");
     }
+}
+
+/// An `openai` assistant on the fake upstream, streaming word by word `delay` apart.
+async fn streaming_world(delay: Duration, extra: &str) -> (World, fake_openai::FakeOpenAi) {
+    let upstream = fake_openai::FakeOpenAi::start().await;
+    upstream.set_delay(delay);
+    let assistants = format!("[assistants.llm]\nbackend = \"openai\"\nbase_url = \"{}\"\nmodel = \"fake-model\"\n", upstream.base_url);
+    (start_with(&assistants, "llm", extra).await, upstream)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_answer_grows_in_place_with_chat_update() {
+    let (w, upstream) = streaming_world(Duration::from_millis(120), "stream_edit_interval_ms = 200").await;
+    let (ts, _) = w.slack.user_says("alice", "general", &mention("tell me about the new VPN rollout please"), None).await;
+    let expected = "You said: tell me about the new VPN rollout please";
+    let replies = eventually(T, "the streamed reply is finished", || async {
+        let r = w.slack.bot_messages("general");
+        (r.len() == 1 && r[0].text == expected).then_some(r)
+    })
+    .await;
+    assert_eq!(replies[0].thread_ts.as_deref(), Some(ts.as_str()), "the draft is posted in the thread");
+    let posted = w.slack.calls("chat.postMessage");
+    assert_eq!(posted.len(), 1, "one message, edited in place: {posted:?}");
+    let first = posted[0].body["text"].as_str().unwrap_or("");
+    assert!(expected.starts_with(first.trim_end()) && first.len() < expected.len(), "the draft held the text so far: {first:?}");
+    let edits = w.slack.edits_of(&replies[0].ts);
+    assert!(edits.len() >= 2, "it grew through several chat.update calls: {edits:?}");
+    assert_eq!(edits.last().map(String::as_str), Some(expected));
+    for pair in edits.windows(2) {
+        assert!(pair[1].starts_with(pair[0].trim_end()) && pair[1].len() >= pair[0].len(), "edits only grow: {edits:?}");
+    }
+    assert!(w.slack.deleted().is_empty());
+    assert_eq!(upstream.requests().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_fails_midway_is_deleted_and_answered_again() {
+    let (w, upstream) = streaming_world(Duration::from_millis(100), "stream_edit_interval_ms = 100").await;
+    upstream.push(fake_openai::Script::FailMidStream {
+        pieces: fake_openai::pieces("This answer will break off before it is finished"),
+        delay: Duration::from_millis(100),
+        message: "The server is overloaded".into(),
+    });
+    w.slack.user_says("alice", "general", &mention("are you there"), None).await;
+    let replies = eventually(T, "the retried answer", || async {
+        let r = w.slack.bot_messages("general");
+        (r.len() == 1 && r[0].text == "You said: are you there").then_some(r)
+    })
+    .await;
+    let deleted = w.slack.deleted();
+    assert_eq!(deleted.len(), 1, "the broken draft was deleted with chat.delete");
+    assert_ne!(deleted[0], replies[0].ts);
 }

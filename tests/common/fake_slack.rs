@@ -18,7 +18,7 @@
 //!   1 min, 5 min; shortened for tests). [`FakeSlack::set_request_url`] runs the
 //!   `url_verification` handshake as the app settings page does.
 //! - **Web API** (`POST /api/{method}`): `auth.test`, `chat.postMessage`, `chat.update`,
-//!   `apps.connections.open`, `oauth.v2.access`, with Slack's `ok:false` errors, and a fault
+//!   `chat.delete`, `apps.connections.open`, `oauth.v2.access`, with Slack's `ok:false` errors, and a fault
 //!   script ([`Fault`]): HTTP 429 with `Retry-After`, 5xx, or an `ok:false` error code.
 //!   Every call is recorded ([`ApiCall`]).
 //! - **Socket Mode**: `apps.connections.open` hands out a `ws://` URL with a single-use
@@ -219,6 +219,10 @@ struct State {
     codes: HashMap<String, String>,
     refresh_tokens: HashMap<String, String>,
     installed_tokens: Vec<String>,
+    /// chat.update: (ts, new text), in order.
+    edits: Vec<(String, String)>,
+    /// chat.delete: the ts deleted.
+    deleted: Vec<String>,
 }
 
 struct Shared {
@@ -303,6 +307,8 @@ impl FakeSlack {
             codes: HashMap::new(),
             refresh_tokens: HashMap::new(),
             installed_tokens: Vec::new(),
+            edits: Vec::new(),
+            deleted: Vec::new(),
         };
         let bot_token = "xoxb-1111-2222-fakebottokenAAAA".to_owned();
         let app_token = "xapp-1-A0APP-3333-fakeapptokenBBBB".to_owned();
@@ -449,6 +455,16 @@ impl FakeSlack {
     /// The bot's messages in `channel`.
     pub fn bot_messages(&self, channel: &str) -> Vec<Msg> {
         self.messages_in(channel).into_iter().filter(|m| m.user == BOT_USER).collect()
+    }
+
+    /// chat.update calls that changed `ts`, oldest first: the texts it was given.
+    pub fn edits_of(&self, ts: &str) -> Vec<String> {
+        self.state().edits.iter().filter(|(t, _)| t == ts).map(|(_, x)| x.clone()).collect()
+    }
+
+    /// The ts of every message deleted with chat.delete.
+    pub fn deleted(&self) -> Vec<String> {
+        self.state().deleted.clone()
     }
 
     pub fn deliveries(&self) -> Vec<Delivery> {
@@ -921,6 +937,7 @@ fn api_method(st: &mut State, method: &str, auth: Option<&str>, content_type: &s
                 m.text = kept.clone();
                 m.given_chars = given;
                 m.edits += 1;
+                st.edits.push((ts.clone(), kept.clone()));
                 return Ok(json!({"ok": true, "channel": channel, "ts": ts, "text": kept}));
             }
             let thread_ts = str_of("thread_ts");
@@ -942,6 +959,21 @@ fn api_method(st: &mut State, method: &str, auth: Option<&str>, content_type: &s
                 message["thread_ts"] = t.clone().into();
             }
             Ok(json!({"ok": true, "channel": channel, "ts": ts, "message": message}))
+        }
+        "chat.delete" => {
+            let t = st.token(auth, body)?;
+            if t.kind != TokenKind::Bot {
+                return Err("not_allowed_token_type");
+            }
+            let channel = str_of("channel").ok_or("channel_not_found")?;
+            let ts = str_of("ts").ok_or("message_not_found")?;
+            let i = st.messages.iter().position(|m| m.channel == channel && m.ts == ts).ok_or("message_not_found")?;
+            if st.messages[i].user != BOT_USER {
+                return Err("cant_delete_message");
+            }
+            st.messages.remove(i);
+            st.deleted.push(ts.clone());
+            Ok(json!({"ok": true, "channel": channel, "ts": ts}))
         }
         "apps.connections.open" => {
             let t = st.token(auth, body)?;

@@ -135,7 +135,8 @@ impl Slack {
         Ok(id)
     }
 
-    async fn send(&self, reply: &OutboundReply) -> Result<Delivered, SendError> {
+    /// Where a reply goes: (team, channel, thread_ts, token).
+    async fn target(&self, reply: &OutboundReply) -> Result<(String, String, Option<String>, Secret), SendError> {
         let route = |k: &str| reply.route.get(k).and_then(|v| v.as_str()).filter(|s| !s.is_empty()).map(str::to_owned);
         let team = route("team_id").unwrap_or_default();
         let channel = route("channel")
@@ -145,36 +146,59 @@ impl Slack {
         // The reply's own thread wins; else the message's (its thread_ts, else its ts).
         let thread_ts = reply.reply.thread.clone().or_else(|| route("thread_ts")).or_else(|| reply.thread.clone());
         let token = self.token_for(&team).await.ok_or_else(|| SendError::Unauthorized(NO_TOKEN.into()))?;
+        Ok((team, channel, thread_ts, token))
+    }
+
+    /// One `chat.postMessage`, paced per channel; answers the message's `ts`.
+    async fn post(&self, team: &str, channel: &str, thread_ts: Option<&str>, token: &Secret, text: &str) -> Result<Option<String>, SendError> {
+        match self.pacer.reserve(&format!("{team}:{channel}"), PACE_MAX_WAIT) {
+            Ok(wait) if !wait.is_zero() => tokio::time::sleep(wait).await,
+            Ok(_) => {}
+            Err(wait) => {
+                return Err(SendError::Retryable {
+                    message: format!("pacing: channel {channel} gets one message a second"),
+                    retry_after: Some(wait),
+                })
+            }
+        }
+        let mut body = serde_json::json!({"channel": channel, "text": text, "unfurl_links": false});
+        if let Some(ts) = thread_ts {
+            body["thread_ts"] = ts.into();
+        }
+        let v = self.api.call(team, "chat.postMessage", token, &body).await?;
+        Ok(v.get("ts").and_then(|t| t.as_str()).map(str::to_owned))
+    }
+
+    /// `chat.update` of message `ts`.
+    async fn update(&self, team: &str, channel: &str, ts: &str, token: &Secret, text: &str) -> Result<(), ApiError> {
+        let body = serde_json::json!({"channel": channel, "ts": ts, "text": text});
+        self.api.call(team, "chat.update", token, &body).await.map(|_| ())
+    }
+
+    async fn send(&self, reply: &OutboundReply) -> Result<Delivered, SendError> {
+        let (team, channel, thread_ts, token) = self.target(reply).await?;
         let text = render::render(&reply.reply);
         let parts = render::split(&text, render::MAX_TEXT_CHARS);
         let done = self.progress.lock().unwrap().get(&reply.reply_id).copied().unwrap_or(0);
         let mut last = None;
         for (i, part) in parts.iter().enumerate().skip(done) {
-            let keep = |i: usize| {
-                if i > 0 {
-                    self.progress.lock().unwrap().insert(reply.reply_id.clone(), i);
-                }
+            let posted = match (&reply.draft, i) {
+                // A streamed draft becomes the reply's first part.
+                (Some(draft), 0) => match self.update(&team, &channel, draft, &token, part).await {
+                    Ok(()) => Ok(Some(draft.clone())),
+                    // Someone deleted the draft: post the reply anew.
+                    Err(e) if e.code() == "message_not_found" => self.post(&team, &channel, thread_ts.as_deref(), &token, part).await,
+                    Err(e) => Err(e.into()),
+                },
+                _ => self.post(&team, &channel, thread_ts.as_deref(), &token, part).await,
             };
-            match self.pacer.reserve(&format!("{team}:{channel}"), PACE_MAX_WAIT) {
-                Ok(wait) if !wait.is_zero() => tokio::time::sleep(wait).await,
-                Ok(_) => {}
-                Err(wait) => {
-                    keep(i);
-                    return Err(SendError::Retryable {
-                        message: format!("pacing: channel {channel} gets one message a second"),
-                        retry_after: Some(wait),
-                    });
-                }
-            }
-            let mut body = serde_json::json!({"channel": channel, "text": part, "unfurl_links": false});
-            if let Some(ts) = &thread_ts {
-                body["thread_ts"] = ts.clone().into();
-            }
-            match self.api.call(&team, "chat.postMessage", &token, &body).await {
-                Ok(v) => last = v.get("ts").and_then(|t| t.as_str()).map(str::to_owned),
+            match posted {
+                Ok(ts) => last = ts,
                 Err(e) => {
-                    keep(i);
-                    return Err(e.into());
+                    if i > 0 {
+                        self.progress.lock().unwrap().insert(reply.reply_id.clone(), i);
+                    }
+                    return Err(e);
                 }
             }
         }
@@ -224,6 +248,16 @@ impl Slack {
 const NO_TOKEN: &str = "no bot token: install the app to the workspace (OAuth & Permissions → Install to Workspace) and paste the \
                         Bot User OAuth Token (xoxb-…) into bot_token";
 
+/// A streamed draft's text: what one message holds, marked as cut when longer (the finished
+/// reply is split into several messages).
+fn draft_text(draft: &OutboundReply) -> String {
+    let text = render::render(&draft.reply);
+    match text.char_indices().nth(render::MAX_TEXT_CHARS - 1) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    }
+}
+
 pub struct SlackChannel(pub Arc<Slack>);
 
 #[async_trait]
@@ -244,6 +278,32 @@ impl Channel for SlackChannel {
 
     async fn check(&self) -> CheckReport {
         self.0.check().await
+    }
+
+    fn stream_interval(&self) -> Option<Duration> {
+        self.0.settings.stream_edit_interval
+    }
+
+    async fn stream_start(&self, draft: &OutboundReply) -> Result<Delivered, SendError> {
+        let s = &self.0;
+        let (team, channel, thread_ts, token) = s.target(draft).await?;
+        let ts = s.post(&team, &channel, thread_ts.as_deref(), &token, &draft_text(draft)).await?;
+        Ok(Delivered { platform_message_id: ts })
+    }
+
+    async fn stream_update(&self, draft: &OutboundReply, message_id: &str) -> Result<(), SendError> {
+        let s = &self.0;
+        let (team, channel, _, token) = s.target(draft).await?;
+        s.update(&team, &channel, message_id, &token, &draft_text(draft)).await.map_err(Into::into)
+    }
+
+    async fn stream_discard(&self, draft: &OutboundReply, message_id: &str) {
+        let s = &self.0;
+        let Ok((team, channel, _, token)) = s.target(draft).await else { return };
+        let body = serde_json::json!({"channel": channel, "ts": message_id});
+        if let Err(e) = s.api.call(&team, "chat.delete", &token, &body).await {
+            tracing::warn!(channel = %s.channel_id, error = e.message(), "could not delete an unfinished streamed reply");
+        }
     }
 
     fn connector(&self) -> Option<Arc<dyn Connector>> {

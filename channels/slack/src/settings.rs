@@ -57,7 +57,14 @@ struct Raw {
     scopes: Option<Vec<String>>,
     #[serde(default = "default_send_timeout_ms")]
     send_timeout_ms: u64,
+    #[serde(default)]
+    stream_edit_interval_ms: Option<u64>,
 }
+
+/// The default pause between edits of a streamed reply: `chat.update` is a Tier 3 method
+/// (about 50 calls a minute per workspace), so one edit every 1.5 s leaves room for a second
+/// stream and for the bot's other calls.
+pub const DEFAULT_STREAM_EDIT_MS: u64 = 1500;
 
 fn default_send_timeout_ms() -> u64 {
     10_000
@@ -92,6 +99,9 @@ pub struct Settings {
     pub ping_interval: Duration,
     pub oauth: Option<OAuthApp>,
     pub send_timeout: Duration,
+    /// How often a streamed reply is edited in place with `chat.update` (`None`: streaming
+    /// off, the finished reply is posted once).
+    pub stream_edit_interval: Option<Duration>,
 }
 
 impl Settings {
@@ -210,6 +220,13 @@ impl Settings {
         if raw.send_timeout_ms == 0 || raw.send_timeout_ms > 120_000 {
             return Err(SettingsError::new("send_timeout_ms", "must be between 1 and 120000"));
         }
+        let stream_edit = raw.stream_edit_interval_ms.unwrap_or(DEFAULT_STREAM_EDIT_MS);
+        if stream_edit != 0 && !(100..=60_000).contains(&stream_edit) {
+            return Err(SettingsError::new(
+                "stream_edit_interval_ms",
+                "must be 0 (post the finished reply only) or between 100 and 60000",
+            ));
+        }
         Ok(Settings {
             bot_token: raw.bot_token,
             app_token: raw.app_token,
@@ -223,6 +240,7 @@ impl Settings {
             ping_interval: Duration::from_millis(ping),
             oauth,
             send_timeout: Duration::from_millis(raw.send_timeout_ms),
+            stream_edit_interval: (stream_edit > 0).then(|| Duration::from_millis(stream_edit)),
         })
     }
 }
@@ -353,6 +371,8 @@ mod tests {
         assert_eq!(with(json!({"default_channel": " "})).unwrap_err().field, "default_channel");
         assert_eq!(with(json!({"bot_tokn": BOT})).unwrap_err().field, "bot_tokn");
         assert_eq!(with(json!({"respond_to": "everyone"})).unwrap_err().field, "respond_to");
+        assert_eq!(with(json!({"stream_edit_interval_ms": 50})).unwrap_err().field, "stream_edit_interval_ms");
+        assert!(with(json!({"stream_edit_interval_ms": 0})).unwrap().stream_edit_interval.is_none());
         assert_eq!(with(json!({"client_id": "1.2"})).unwrap_err().field, "client_secret");
         assert_eq!(with(json!({"client_secret": "s"})).unwrap_err().field, "client_id");
         assert_eq!(with(json!({"client_id": "x", "client_secret": "s"})).unwrap_err().field, "client_id");
