@@ -284,3 +284,58 @@ async fn a_disabled_chat_closes_its_sockets_and_refuses_new_ones() {
     s.send(json!({"type": "welcome_back", "token": token})).await;
     assert_eq!(s.next().await["type"], "reconnect");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_dropped_and_replays_everything_on_return() {
+    let svc = Patchbay::start(CONFIG);
+    let base = svc.callback_url("web").await;
+    let mut s = Socket::open(&base).await;
+    s.send(json!({"type": "hello"})).await;
+    let hello = s.next_of("hello").await;
+    let token = hello["token"].as_str().unwrap().to_owned();
+    let user = hello["user"].as_str().unwrap().to_owned();
+    s.send(json!({"type": "message", "text": "start"})).await;
+    let first = s.next_of("message").await;
+    assert_eq!(first["text"], "echo: start");
+
+    // The client stops reading while 600 replies of 40 KB (24 MB, more than the kernel's
+    // socket buffers and patchbay's bounded queues hold) are pushed to it.
+    const N: usize = 600;
+    let filler = "x".repeat(40_000);
+    let url = format!("{}/api/v1/conversations/{}/replies", svc.url, conversation_id("web", &user));
+    for batch in 0..N / 4 {
+        let replies: Vec<Value> = (0..4).map(|i| json!({"text": format!("r{:04} {filler}", batch * 4 + i)})).collect();
+        let resp = http()
+            .post(&url)
+            .bearer_auth("pbk_test_key_for_pushing_replies_0001")
+            .json(&json!({"replies": replies}))
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "{}", resp.status());
+    }
+
+    // patchbay gives up on the socket instead of buffering without bound. Reading now drains
+    // what the buffers held, then the socket is closed.
+    let mut got: Vec<(i64, String)> = Vec::new();
+    while let Some(f) = s.next_within(30).await {
+        if f["type"] == "message" {
+            got.push((f["seq"].as_i64().unwrap(), f["text"].as_str().unwrap()[..5].to_owned()));
+        }
+    }
+    assert!(got.len() < N, "the slow socket was closed before all {N} replies were written to it");
+    let watermark = got.last().map(|(seq, _)| *seq).unwrap_or(first["seq"].as_i64().unwrap());
+
+    // Back with its watermark, the client receives the rest, in order, none twice.
+    let mut s = Socket::open(&base).await;
+    s.send(json!({"type": "welcome_back", "user": token, "watermark": watermark})).await;
+    assert_eq!(s.next().await["type"], "reconnect");
+    while got.len() < N {
+        let f = s.next_of("message").await;
+        got.push((f["seq"].as_i64().unwrap(), f["text"].as_str().unwrap()[..5].to_owned()));
+    }
+    let texts: Vec<String> = got.iter().map(|(_, t)| t.clone()).collect();
+    let expected: Vec<String> = (0..N).map(|i| format!("r{i:04}")).collect();
+    assert_eq!(texts, expected, "every reply once, in order");
+    assert!(got.windows(2).all(|w| w[0].0 < w[1].0));
+}

@@ -10,7 +10,7 @@
 //! never written twice to a socket, and a gap is filled from the log first.
 
 use crate::http::{session_frame, take_message};
-use crate::hub::Push;
+use crate::hub::{Push, SocketTx};
 use crate::token::{looks_like_token, Claims};
 use crate::wire::{self, ClientKind, FrameError};
 use crate::{Inner, Webchat};
@@ -21,12 +21,13 @@ use patchbay_channel_core::channel::error_response;
 use patchbay_channel_core::{HookCtx, LogRange};
 use serde_json::{json, Value};
 use std::time::Duration;
-use tokio::sync::mpsc;
 
 /// Frames larger than this close the socket (1009); between `max_frame_bytes` and this they
 /// are answered with an error frame and the socket is kept.
 const HARD_FRAME_LIMIT: usize = 1024 * 1024;
 const HEARTBEAT: Duration = Duration::from_secs(30);
+/// The longest a frame may wait for a client to read.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// A replay reads the log in pages of this many, and at most this many pages.
 const REPLAY_PAGE: usize = 200;
 const REPLAY_MAX_PAGES: usize = 50;
@@ -86,10 +87,17 @@ impl Socket {
         &self.chat.0
     }
 
+    /// Writes a frame; a client that has not taken a frame for [`SEND_TIMEOUT`] (its
+    /// buffers full: it stopped reading) is dropped, and replays what it missed when it
+    /// comes back.
     async fn send(&mut self, v: &Value) -> Flow {
-        match self.session.text(v.to_string()).await {
-            Ok(()) => Flow::Continue,
-            Err(_) => Flow::Stop,
+        match tokio::time::timeout(SEND_TIMEOUT, self.session.text(v.to_string())).await {
+            Ok(Ok(())) => Flow::Continue,
+            Ok(Err(_)) => Flow::Stop,
+            Err(_) => {
+                tracing::debug!("a web chat client stopped reading; its socket is closed");
+                Flow::Stop
+            }
         }
     }
 
@@ -98,7 +106,7 @@ impl Socket {
     }
 
     async fn run(&mut self, mut stream: actix_ws::AggregatedMessageStream, preset: Option<Claims>) {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Push>();
+        let (tx, mut rx, kick) = SocketTx::new();
         let mut tx = Some(tx);
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.tick().await;
@@ -155,6 +163,12 @@ impl Socket {
                         }
                     }
                 }
+                _ = kick.notify.notified() => {
+                    if let Some((reason, message)) = kick.take() {
+                        let _ = self.send(&json!({"type": "disconnect", "reason": reason, "message": message})).await;
+                        break Some(CloseReason { code: CloseCode::Other(4000), description: Some(reason.to_owned()) });
+                    }
+                }
                 _ = heartbeat.tick() => {
                     if !alive {
                         break Some(CloseReason { code: CloseCode::Away, description: Some("no pong".into()) });
@@ -169,10 +183,11 @@ impl Socket {
         if let Some((claims, conn)) = self.user.take() {
             self.inner().hub.detach(&claims.user, conn, self.last_sent);
         }
-        let _ = self.session.clone().close(close).await;
+        // The client may have stopped reading: the close frame must not wait for it forever.
+        let _ = tokio::time::timeout(SEND_TIMEOUT, self.session.clone().close(close)).await;
     }
 
-    async fn on_text(&mut self, bytes: &[u8], tx: &mut Option<mpsc::UnboundedSender<Push>>, preset: &mut Option<Claims>) -> Flow {
+    async fn on_text(&mut self, bytes: &[u8], tx: &mut Option<SocketTx>, preset: &mut Option<Claims>) -> Flow {
         let max = self.inner().settings.max_frame_bytes;
         if bytes.len() > max {
             return self
@@ -261,7 +276,7 @@ impl Socket {
         }
     }
 
-    async fn attach(&mut self, claims: Claims, new: bool, watermark: Option<i64>, tx: mpsc::UnboundedSender<Push>) -> Flow {
+    async fn attach(&mut self, claims: Claims, new: bool, watermark: Option<i64>, tx: SocketTx) -> Flow {
         let window = Duration::from_secs(self.inner().settings.reconnect_window_secs);
         // Registered first, so anything sent from now on is pushed here; the replay below
         // then reads everything logged before, and pushes it already covered are skipped.
