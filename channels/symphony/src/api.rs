@@ -139,7 +139,7 @@ impl Api {
                 Err(e) => {
                     return Err(match transport_error(ep, &e) {
                         Transport::ProxyAuth(m) => ApiError::Proxy(m),
-                        Transport::Failed(m) | Transport::ProxyUnreachable(m) => ApiError::Network(m),
+                        Transport::Failed(m) | Transport::ProxyUnreachable(m) | Transport::Tls(m) => ApiError::Network(m),
                     })
                 }
             };

@@ -125,6 +125,7 @@ async fn post_token(s: &Settings, clients: &Clients, which: Which, path: &str, s
             return Err(match transport_error(ep, &e) {
                 Transport::ProxyAuth(message) => AuthError::Proxy { step, message },
                 Transport::ProxyUnreachable(message) => AuthError::ProxyUnreachable { step, message },
+                Transport::Tls(message) => AuthError::Unexpected { step, message: format!("{what}: {message}") },
                 Transport::Failed(message) => AuthError::Unavailable { step, message: format!("{}: {message}", step.label()), retry_after: None },
             })
         }

@@ -81,7 +81,9 @@ pub enum Transport {
     ProxyAuth(String),
     /// The proxy could not be reached, or could not reach the endpoint.
     ProxyUnreachable(String),
-    /// Anything else: DNS, refused connection, TLS, timeout, a reset.
+    /// The TLS handshake failed (a certificate refused either way): needs an admin.
+    Tls(String),
+    /// Anything else: DNS, refused connection, timeout, a reset.
     Failed(String),
 }
 
@@ -103,6 +105,14 @@ pub fn transport_error(ep: &Endpoint, e: &reqwest::Error) -> Transport {
         }
     }
     let what = ep.which.label();
+    if detail.contains("fatal alert") || detail.contains("invalid peer certificate") || detail.contains("UnknownIssuer") {
+        return Transport::Tls(format!(
+            "the TLS handshake with the {what} at {}{via} failed: {detail}; check trust_store_path (patchbay must trust the \
+             {what}'s certificate) and, for certificate authentication, bot_certificate_path / bot_certificate_content (the \
+             pod must trust the bot's certificate)",
+            ep.base
+        ));
+    }
     if e.is_timeout() {
         Transport::Failed(format!("the {what} ({}) did not answer in time{via}", ep.base))
     } else if e.is_connect() {
