@@ -339,3 +339,48 @@ async fn a_client_that_stops_reading_is_dropped_and_replays_everything_on_return
     assert_eq!(texts, expected, "every reply once, in order");
     assert!(got.windows(2).all(|w| w[0].0 < w[1].0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_sending_too_fast_is_told_to_wait_and_others_are_not_affected() {
+    let svc = Patchbay::start(
+        r#"
+[assistants.echo]
+backend = "echo"
+
+[channels.web]
+kind = "webchat"
+assistant = "echo"
+messages_per_minute = 6
+message_burst = 3
+"#,
+    );
+    let base = svc.callback_url("web").await;
+    let (token, _) = new_token(&base).await;
+    let hook = format!("{base}/botkit/receive");
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        let (status, body, headers) = post(&hook, &json!({"type": "message", "text": format!("m{i}")}).to_string(), &[("authorization", &format!("Bearer {token}"))]).await;
+        statuses.push(status);
+        if status == 429 {
+            assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+            let wait: u64 = headers.get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).expect("Retry-After");
+            assert!((1..=10).contains(&wait), "one message per 10 s: {wait}");
+        }
+    }
+    assert_eq!(statuses, [200, 200, 200, 429], "a burst of three, then the rate");
+
+    // Over the socket: an error frame that says when, and the socket stays open.
+    let mut s = Socket::open(&base).await;
+    s.send(json!({"type": "welcome_back", "token": token})).await;
+    let attached = s.next().await;
+    assert!(attached["token"].is_string(), "{attached}");
+    s.send(json!({"type": "message", "text": "again"})).await;
+    let e = s.next_of("error").await;
+    assert_eq!(e["code"], "rate_limited", "{e}");
+    assert!(e["retry_after"].as_u64().is_some(), "{e}");
+
+    // Another user has an allowance of their own.
+    let (other, _) = new_token(&base).await;
+    let (status, body, _) = post(&hook, &json!({"type": "message", "text": "hi"}).to_string(), &[("authorization", &format!("Bearer {other}"))]).await;
+    assert_eq!(status, 200, "{body}");
+}

@@ -221,6 +221,15 @@ pub(crate) async fn take_message(
     via: &str,
     name: Option<String>,
 ) -> Result<(Inbound, i64), FrameError> {
+    if let Err(wait) = inner.limiter.take(&claims.user, std::time::Instant::now()) {
+        let secs = wait.as_secs() + 1;
+        let mut e = FrameError::new(
+            "rate_limited",
+            format!("too many messages: this chat takes {} a minute; try again in {secs} s", inner.settings.messages_per_minute),
+        );
+        e.retry_after = Some(secs);
+        return Err(e);
+    }
     let event_id = match frame.client_id() {
         Some(id) => format!("{}:{id}", claims.user),
         None => format!("{}:{}", claims.user, patchbay_channel_core::ids::random_token(20)),
@@ -254,9 +263,20 @@ pub(crate) async fn take_message(
 }
 
 fn frame_error_response(e: FrameError) -> HttpResponse {
-    let status = if e.code == "unavailable" { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::BAD_REQUEST };
-    error_response(status, e.code, &e.message, None)
+    let status = match e.code {
+        "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+        "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    let mut resp = error_response(status, e.code, &e.message, None);
+    if let Some(secs) = e.retry_after {
+        if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&secs.to_string()) {
+            resp.headers_mut().insert(actix_web::http::header::RETRY_AFTER, v);
+        }
+    }
+    resp
 }
+
 
 /// `POST /botkit/receive` (one reply, Botkit Anywhere) and `POST /api/messages` (an array,
 /// Botkit 4).

@@ -15,6 +15,7 @@
 
 mod http;
 mod hub;
+mod limit;
 mod settings;
 mod socket;
 pub mod token;
@@ -66,6 +67,7 @@ impl ChannelKind for WebchatKind {
             hub: Hub::default(),
             origins,
             base_path,
+            limiter: limit::Limiter::new(s.messages_per_minute, s.message_burst),
             settings: s,
         }))))
     }
@@ -81,6 +83,7 @@ pub(crate) struct Inner {
     pub origins: Vec<String>,
     /// `/hooks/webchat/{hook_id}` (with the public URL's path prefix, if any).
     pub base_path: String,
+    pub limiter: limit::Limiter,
 }
 
 impl Inner {

@@ -29,6 +29,11 @@ pub struct Settings {
     /// The widget's title.
     #[serde(default = "default_title")]
     pub title: String,
+    /// Messages a user may send per minute (0: no limit), and at once.
+    #[serde(default = "default_rate")]
+    pub messages_per_minute: u32,
+    #[serde(default = "default_burst")]
+    pub message_burst: u32,
 }
 
 fn default_token_ttl() -> u64 {
@@ -45,6 +50,12 @@ fn default_max_frame() -> usize {
 }
 fn default_reconnect_window() -> u64 {
     60
+}
+fn default_rate() -> u32 {
+    30
+}
+fn default_burst() -> u32 {
+    10
 }
 fn default_title() -> String {
     "Chat".into()
@@ -72,6 +83,12 @@ impl Settings {
         }
         if s.reply_timeout_ms == 0 || s.reply_timeout_ms > 120_000 {
             return Err(SettingsError::new("reply_timeout_ms", "must be between 1 and 120000"));
+        }
+        if s.messages_per_minute > 6_000 {
+            return Err(SettingsError::new("messages_per_minute", "must be between 0 (no limit) and 6000"));
+        }
+        if s.message_burst == 0 || s.message_burst > 1_000 {
+            return Err(SettingsError::new("message_burst", "must be between 1 and 1000"));
         }
         if s.title.chars().count() > 80 {
             return Err(SettingsError::new("title", "must be at most 80 characters"));

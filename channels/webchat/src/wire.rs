@@ -32,14 +32,20 @@ pub enum ClientKind {
 pub struct FrameError {
     pub code: &'static str,
     pub message: String,
+    /// When trying again makes sense (`rate_limited`), in seconds.
+    pub retry_after: Option<u64>,
 }
 
 impl FrameError {
     pub fn new(code: &'static str, message: impl Into<String>) -> Self {
-        FrameError { code, message: message.into() }
+        FrameError { code, message: message.into(), retry_after: None }
     }
     pub fn frame(&self) -> Value {
-        error_frame(self.code, &self.message)
+        let mut f = error_frame(self.code, &self.message);
+        if let Some(s) = self.retry_after {
+            f["retry_after"] = s.into();
+        }
+        f
     }
 }
 
