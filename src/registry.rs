@@ -225,6 +225,7 @@ impl Registry {
             http: self.http.clone(),
             log: self.log.clone(),
             signing_key: self.sealer.derive_key(&format!("channel:{id}")),
+            kv: Arc::new(crate::store::StoreKv { store: self.store.clone(), sealer: self.sealer.clone() }),
         }
     }
 

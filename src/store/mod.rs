@@ -291,6 +291,14 @@ pub trait Store: Send + Sync + 'static {
     /// Removes a channel's entries appended before `before`.
     async fn log_prune(&self, channel: &str, before: i64) -> StoreResult<u64>;
 
+    // Channel key/value spaces (what kinds keep through `SealedKv`: Slack's workspace tokens).
+    // Values arrive sealed; `now` decides expiry. Deleting a channel removes its entries.
+    async fn kv_get(&self, channel: &str, key: &str, now: i64) -> StoreResult<Option<Vec<u8>>>;
+    async fn kv_put(&self, channel: &str, key: &str, sealed: Vec<u8>, expires_at: Option<i64>) -> StoreResult<()>;
+    /// Removes the entry; answers whether an unexpired one was there (atomic).
+    async fn kv_delete(&self, channel: &str, key: &str, now: i64) -> StoreResult<bool>;
+    async fn kv_keys(&self, channel: &str, prefix: &str, now: i64) -> StoreResult<Vec<String>>;
+
     // Housekeeping.
     async fn prune(&self, now: i64) -> StoreResult<u64>;
     async fn depths(&self) -> StoreResult<QueueDepths>;
@@ -334,5 +342,54 @@ impl patchbay_channel_core::ConversationLog for StoreLog {
             .log_prune(channel.as_str(), before)
             .await
             .map_err(|e| patchbay_channel_core::LogError::Unavailable(e.to_string()))
+    }
+}
+
+/// The store as the [`patchbay_channel_core::SealedKv`] kinds get through `BuildEnv`: values
+/// sealed with the encryption key, bound to ("kv", channel, key) so a sealed value cannot be
+/// moved to another key or channel.
+pub struct StoreKv {
+    pub store: std::sync::Arc<dyn Store>,
+    pub sealer: crate::seal::Sealer,
+}
+
+impl StoreKv {
+    fn context(channel: &patchbay_channel_core::ChannelId, key: &str) -> String {
+        format!("kv:{}:{key}", channel.as_str())
+    }
+}
+
+fn kv_err(e: impl std::fmt::Display) -> patchbay_channel_core::KvError {
+    patchbay_channel_core::KvError::Unavailable(e.to_string())
+}
+
+#[async_trait]
+impl patchbay_channel_core::SealedKv for StoreKv {
+    async fn get(&self, channel: &patchbay_channel_core::ChannelId, key: &str) -> Result<Option<patchbay_channel_core::Secret>, patchbay_channel_core::KvError> {
+        let Some(sealed) = self.store.kv_get(channel.as_str(), key, patchbay_channel_core::now_ms()).await.map_err(kv_err)? else {
+            return Ok(None);
+        };
+        let plain = self.sealer.open(&Self::context(channel, key), &sealed).map_err(kv_err)?;
+        let text = String::from_utf8(plain).map_err(kv_err)?;
+        Ok(Some(patchbay_channel_core::Secret::new(text)))
+    }
+
+    async fn put(
+        &self,
+        channel: &patchbay_channel_core::ChannelId,
+        key: &str,
+        value: &patchbay_channel_core::Secret,
+        expires_at: Option<i64>,
+    ) -> Result<(), patchbay_channel_core::KvError> {
+        let sealed = self.sealer.seal(&Self::context(channel, key), value.expose().as_bytes());
+        self.store.kv_put(channel.as_str(), key, sealed, expires_at).await.map_err(kv_err)
+    }
+
+    async fn delete(&self, channel: &patchbay_channel_core::ChannelId, key: &str) -> Result<bool, patchbay_channel_core::KvError> {
+        self.store.kv_delete(channel.as_str(), key, patchbay_channel_core::now_ms()).await.map_err(kv_err)
+    }
+
+    async fn keys(&self, channel: &patchbay_channel_core::ChannelId, prefix: &str) -> Result<Vec<String>, patchbay_channel_core::KvError> {
+        self.store.kv_keys(channel.as_str(), prefix, patchbay_channel_core::now_ms()).await.map_err(kv_err)
     }
 }

@@ -80,6 +80,12 @@ const MIGRATIONS: &[&str] = &[
         WHERE key IS NOT NULL;
     CREATE INDEX conversation_log_age ON conversation_log (channel_id, at);
     "#,
+    // 3: per-channel sealed key/value spaces (Slack's workspace tokens, OAuth states).
+    r#"
+    CREATE TABLE channel_kv (
+        channel_id TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, expires_at INTEGER,
+        PRIMARY KEY (channel_id, key)) WITHOUT ROWID;
+    "#,
 ];
 
 pub struct SqliteStore {
@@ -587,6 +593,7 @@ impl Store for SqliteStore {
         let id = id.to_owned();
         self.run(move |c| {
             let n = c.execute("DELETE FROM channels WHERE id = ?1", params![id]).map_err(db)?;
+            c.execute("DELETE FROM channel_kv WHERE channel_id = ?1", params![id]).map_err(db)?;
             bump_registry(c)?;
             Ok(n > 0)
         })
@@ -938,10 +945,63 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn kv_get(&self, channel: &str, key: &str, now: i64) -> StoreResult<Option<Vec<u8>>> {
+        let (channel, key) = (channel.to_owned(), key.to_owned());
+        self.run(move |c| {
+            c.prepare_cached("SELECT value FROM channel_kv WHERE channel_id = ?1 AND key = ?2 AND (expires_at IS NULL OR expires_at > ?3)")
+                .and_then(|mut s| s.query_row(params![channel, key, now], |r| r.get(0)).optional())
+                .map_err(db)
+        })
+        .await
+    }
+
+    async fn kv_put(&self, channel: &str, key: &str, sealed: Vec<u8>, expires_at: Option<i64>) -> StoreResult<()> {
+        let (channel, key) = (channel.to_owned(), key.to_owned());
+        self.run(move |c| {
+            c.prepare_cached(
+                "INSERT INTO channel_kv (channel_id, key, value, expires_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (channel_id, key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+            )
+            .and_then(|mut s| s.execute(params![channel, key, sealed, expires_at]))
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn kv_delete(&self, channel: &str, key: &str, now: i64) -> StoreResult<bool> {
+        let (channel, key) = (channel.to_owned(), key.to_owned());
+        self.run(move |c| {
+            let live: Option<i64> = c
+                .prepare_cached("DELETE FROM channel_kv WHERE channel_id = ?1 AND key = ?2 RETURNING coalesce(expires_at, ?3 + 1)")
+                .and_then(|mut s| s.query_row(params![channel, key, now], |r| r.get(0)).optional())
+                .map_err(db)?;
+            Ok(live.is_some_and(|e| e > now))
+        })
+        .await
+    }
+
+    async fn kv_keys(&self, channel: &str, prefix: &str, now: i64) -> StoreResult<Vec<String>> {
+        let channel = channel.to_owned();
+        let pattern = format!("{}%", prefix.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
+        self.run(move |c| {
+            let mut s = c
+                .prepare_cached(
+                    "SELECT key FROM channel_kv WHERE channel_id = ?1 AND key LIKE ?2 ESCAPE '\\'
+                     AND (expires_at IS NULL OR expires_at > ?3) ORDER BY key",
+                )
+                .map_err(db)?;
+            let rows = s.query_map(params![channel, pattern, now], |r| r.get::<_, String>(0)).map_err(db)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+        .await
+    }
+
     async fn prune(&self, now: i64) -> StoreResult<u64> {
         self.run(move |c| {
             let n = c.execute("DELETE FROM dedupe WHERE expires_at < ?1", params![now]).map_err(db)?;
-            Ok(n as u64)
+            let k = c.execute("DELETE FROM channel_kv WHERE expires_at < ?1", params![now]).map_err(db)?;
+            Ok((n + k) as u64)
         })
         .await
     }
@@ -974,6 +1034,28 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn channel_kv_expires_takes_once_lists_by_prefix_and_goes_with_the_channel() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db"), SqliteSynchronous::Normal).unwrap();
+        store.kv_put("s", "team:T1", b"sealed-1".to_vec(), None).await.unwrap();
+        store.kv_put("s", "team:T1", b"sealed-2".to_vec(), None).await.unwrap();
+        store.kv_put("s", "state:a", b"x".to_vec(), Some(100)).await.unwrap();
+        store.kv_put("s", "state_b", b"x".to_vec(), None).await.unwrap();
+        store.kv_put("other", "team:T1", b"y".to_vec(), None).await.unwrap();
+        assert_eq!(store.kv_get("s", "team:T1", 50).await.unwrap(), Some(b"sealed-2".to_vec()), "replaced");
+        assert_eq!(store.kv_get("s", "state:a", 50).await.unwrap(), Some(b"x".to_vec()));
+        assert_eq!(store.kv_get("s", "state:a", 100).await.unwrap(), None, "expired");
+        assert_eq!(store.kv_keys("s", "state:", 50).await.unwrap(), vec!["state:a"], "`_` is not a wildcard");
+        assert!(store.kv_delete("s", "state:a", 50).await.unwrap());
+        assert!(!store.kv_delete("s", "state:a", 50).await.unwrap(), "taken once");
+        store.kv_put("s", "state:c", b"x".to_vec(), Some(10)).await.unwrap();
+        assert!(!store.kv_delete("s", "state:c", 50).await.unwrap(), "an expired value cannot be taken");
+        store.delete_channel("s").await.unwrap();
+        assert_eq!(store.kv_get("s", "team:T1", 50).await.unwrap(), None, "gone with the channel");
+        assert_eq!(store.kv_get("other", "team:T1", 50).await.unwrap(), Some(b"y".to_vec()));
+    }
 
     #[tokio::test]
     async fn conversation_log_numbers_dedupes_pages_and_prunes() {

@@ -587,6 +587,11 @@ impl FakeSlack {
         callback(&mut st, e)
     }
 
+    /// Any event wrapped as Slack wraps it (`app_uninstalled`, `tokens_revoked`, …).
+    pub fn event(&self, event: Value) -> Value {
+        callback(&mut self.state(), event)
+    }
+
     /// A classic integration (another bot) posts in `channel`: a `bot_message` subtype.
     pub fn integration_says(&self, channel: &str, text: &str) -> Value {
         let cid = self.channel_id(channel);

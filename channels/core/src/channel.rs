@@ -1,6 +1,7 @@
 //! The traits a channel kind implements.
 
 use crate::ids::{ChannelId, HookId};
+use crate::kv::SealedKv;
 use crate::log::ConversationLog;
 use crate::message::{Inbound, Inbox, OutboundReply};
 use crate::secret::Secret;
@@ -44,6 +45,9 @@ pub struct BuildEnv {
     /// 32 bytes as 64 hex digits, derived from the service's encryption key and the channel
     /// id, so it is stable across restarts and replicas and never stored.
     pub signing_key: Secret,
+    /// A small key/value space of this channel whose values are sealed at rest (Slack's
+    /// per-workspace tokens and OAuth states): see [`crate::kv`].
+    pub kv: Arc<dyn SealedKv>,
 }
 
 /// What a hook handler gets besides the request.

@@ -8,6 +8,7 @@
 pub mod backoff;
 pub mod channel;
 pub mod ids;
+pub mod kv;
 pub mod log;
 pub mod message;
 pub mod secret;
@@ -19,6 +20,7 @@ pub use channel::{
     HookCtx, SendError,
 };
 pub use ids::{ChannelId, ConversationId, HookId};
+pub use kv::{KvError, MemoryKv, SealedKv};
 pub use log::{ConversationLog, LogEntry, LogError, LogRange, MemoryLog};
 pub use message::{
     Accepted, Attachment, Inbound, Inbox, InboxError, OutboundReply, QuickReply, Reply, User,

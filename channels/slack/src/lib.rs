@@ -12,6 +12,7 @@
 pub mod api;
 pub mod events;
 pub mod hook;
+pub mod oauth;
 pub mod pacing;
 pub mod render;
 pub mod settings;
@@ -25,7 +26,7 @@ use events::Identity;
 use futures_util::future::LocalBoxFuture;
 use patchbay_channel_core::{
     backoff::Backoff, channel::error_response, BuildEnv, Channel, ChannelId, ChannelState, ChannelKind, CheckReport, Connector, ConnectorCtx,
-    Delivered, HookCtx, OutboundReply, Secret, SendError, SettingsError,
+    Delivered, HookCtx, OutboundReply, SealedKv, Secret, SendError, SettingsError,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -64,6 +65,12 @@ pub struct Slack {
     pub api: Api,
     pub channel_id: ChannelId,
     pub callback_url: String,
+    /// Installed workspaces' records (sealed), OAuth states.
+    pub kv: Arc<dyn SealedKv>,
+    /// Installed workspaces read so far.
+    workspaces: Mutex<HashMap<String, oauth::Workspace>>,
+    /// One token refresh at a time (a refresh token is single use).
+    refreshing: tokio::sync::Mutex<()>,
     pacer: pacing::Pacer,
     /// Who the bot is, per workspace (`auth.test` at start, or an install).
     identities: Mutex<HashMap<String, Identity>>,
@@ -80,6 +87,9 @@ impl Slack {
             settings,
             channel_id: env.channel_id.clone(),
             callback_url: env.callback_url.clone(),
+            kv: env.kv.clone(),
+            workspaces: Mutex::new(HashMap::new()),
+            refreshing: tokio::sync::Mutex::new(()),
             pacer: pacing::Pacer::new(PACE_INTERVAL, PACE_BURST),
             identities: Mutex::new(HashMap::new()),
             progress: Mutex::new(HashMap::new()),
@@ -100,15 +110,23 @@ impl Slack {
         self.identities.lock().unwrap().insert(id.team_id.clone(), id);
     }
 
-    /// The bot token for `team`: the configured `bot_token`.
-    pub async fn token_for(&self, _team: &str) -> Option<Secret> {
-        self.settings.bot_token.clone()
+    /// The bot token for `team`: the workspace's own (an OAuth install, refreshed when it
+    /// rotates), else the configured `bot_token`.
+    pub async fn token_for(&self, team: &str) -> Result<Secret, SendError> {
+        match self.installed_token(team).await {
+            Some(Ok(t)) => return Ok(t),
+            Some(Err(e)) => return Err(e.into()),
+            None => {}
+        }
+        self.settings.bot_token.clone().ok_or_else(|| SendError::Unauthorized(format!("no bot token for workspace {team}: {NO_TOKEN}")))
     }
 
-    /// `app_uninstalled`: the workspace's identity is forgotten.
+    /// `app_uninstalled` (or the bot's token revoked): the workspace's identity and its
+    /// installed tokens are forgotten.
     pub async fn forget_workspace(&self, team: &str, why: &str) {
-        tracing::warn!(channel = %self.channel_id, team, why, "Slack says the app is gone from a workspace");
+        tracing::warn!(channel = %self.channel_id, team, why, "Slack says the app is gone from a workspace; its tokens are removed");
         self.identities.lock().unwrap().remove(team);
+        self.remove_workspace(team).await;
     }
 
     /// `tokens_revoked`: when the bot's user is among the revoked, as [`Self::forget_workspace`].
@@ -145,7 +163,7 @@ impl Slack {
             .ok_or_else(|| SendError::Permanent("the reply has no Slack channel to go to, and no default_channel is set".into()))?;
         // The reply's own thread wins; else the message's (its thread_ts, else its ts).
         let thread_ts = reply.reply.thread.clone().or_else(|| route("thread_ts")).or_else(|| reply.thread.clone());
-        let token = self.token_for(&team).await.ok_or_else(|| SendError::Unauthorized(NO_TOKEN.into()))?;
+        let token = self.token_for(&team).await?;
         Ok((team, channel, thread_ts, token))
     }
 
@@ -208,7 +226,23 @@ impl Slack {
 
     async fn check(&self) -> CheckReport {
         let mut r = CheckReport::default();
+        let installed = self.workspaces().await;
+        for ws in &installed {
+            let step = format!("workspace {}", ws.team_id);
+            match self.installed_token(&ws.team_id).await {
+                Some(Ok(token)) => match self.api.auth_test(&token).await {
+                    Ok(a) => r.step(step, true, format!("installed in {} ({}): bot @{} ({})", a.team, a.team_id, a.user, a.user_id)),
+                    Err(e) => r.step(step, false, format!("auth.test: {}", e.message())),
+                },
+                Some(Err(e)) => r.step(step, false, format!("token refresh: {}", e.message())),
+                None => {}
+            }
+        }
         match &self.settings.bot_token {
+            None if !installed.is_empty() => {}
+            None if self.settings.oauth.is_some() => {
+                r.step("install", false, format!("no workspace has installed the app yet: open {}/install", self.callback_url))
+            }
             None => r.step("bot_token", false, NO_TOKEN),
             Some(_) => match self.whoami(None).await {
                 Ok(id) => {
@@ -265,8 +299,11 @@ impl Channel for SlackChannel {
     fn handle_hook<'a>(&'a self, ctx: HookCtx, req: HttpRequest, body: web::Payload) -> LocalBoxFuture<'a, HttpResponse> {
         Box::pin(async move {
             let post = req.method() == actix_web::http::Method::POST;
+            let get = req.method() == actix_web::http::Method::GET;
             match ctx.subpath.as_str() {
                 "" | "/" if post => hook::events(&self.0, ctx, req, body).await,
+                "/install" if get => oauth::install(&self.0, &ctx).await,
+                "/oauth/callback" if get => oauth::callback(&self.0, &ctx, &req).await,
                 _ => error_response(StatusCode::NOT_FOUND, "not_found", "Slack's Events API POSTs to the callback URL itself", None),
             }
         })
@@ -323,8 +360,12 @@ struct IdentityConnector(Arc<Slack>);
 #[async_trait]
 impl Connector for IdentityConnector {
     async fn run(&self, ctx: ConnectorCtx, stop: CancellationToken) {
+        // Installed workspaces' identities, for loop safety and mentions.
+        let installed = self.0.workspaces().await;
+        if !installed.is_empty() {
+            ctx.status.set_detail("workspaces", installed.len().into());
+        }
         if self.0.settings.bot_token.is_none() {
-            // Installs bring their own identities; nothing to learn.
             stop.cancelled().await;
             return;
         }

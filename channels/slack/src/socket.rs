@@ -100,6 +100,8 @@ impl Connector for SocketConnector {
         ctx.status.connecting();
         ctx.status.set_detail("mode", "socket".into());
         let shared = Arc::new(Shared { slack: self.0.clone(), ctx: ctx.clone(), live: AtomicUsize::new(0) });
+        // Installed workspaces' identities, for loop safety and mentions.
+        self.0.workspaces().await;
         // Who the bot is, first (loop safety, mention detection); without a bot token the
         // events still flow (installs bring their identities).
         if self.0.settings.bot_token.is_some() {
