@@ -251,6 +251,8 @@ pub struct Request {
 pub struct Read {
     pub feed: String,
     pub ack_in: String,
+    /// The ackId this read answered with (v2).
+    pub ack_out: String,
     pub delivered: Vec<String>,
     /// Message ids delivered again because the previous batch was not acknowledged.
     pub redelivered: usize,
@@ -837,7 +839,7 @@ async fn read_v2(shared: &Shared, id: &str, body: &[u8]) -> HttpResponse {
     feed.issued.insert(ack.clone());
     feed.inflight = Some((ack.clone(), events.clone()));
     let delivered = events.iter().map(|e| e["messageId"].as_str().unwrap_or_default().to_owned()).collect();
-    st.reads.push(Read { feed: id.to_owned(), ack_in, delivered, redelivered });
+    st.reads.push(Read { feed: id.to_owned(), ack_in, ack_out: ack.clone(), delivered, redelivered });
     HttpResponse::Ok().json(json!({"events": events, "ackId": ack}))
 }
 
@@ -853,7 +855,7 @@ async fn read_v1(shared: &Shared, id: &str) -> HttpResponse {
     .await;
     let mut st = shared.state.lock().unwrap();
     let delivered: Vec<String> = events.iter().flatten().map(|e| e["messageId"].as_str().unwrap_or_default().to_owned()).collect();
-    st.reads.push(Read { feed: id.to_owned(), ack_in: String::new(), delivered, redelivered: 0 });
+    st.reads.push(Read { feed: id.to_owned(), ack_in: String::new(), ack_out: String::new(), delivered, redelivered: 0 });
     match events {
         Some(ev) => HttpResponse::Ok().json(ev),
         None => HttpResponse::NoContent().finish(),
