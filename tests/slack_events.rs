@@ -475,3 +475,27 @@ async fn a_stream_that_fails_midway_is_deleted_and_answered_again() {
     assert_eq!(deleted.len(), 1, "the broken draft was deleted with chat.delete");
     assert_ne!(deleted[0], replies[0].ts);
 }
+
+#[test]
+fn a_token_file_is_checked_like_a_value_and_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("slack_bot");
+    std::fs::write(&token_file, "xoxp-1234-user-token-in-the-wrong-place\n").unwrap();
+    let config = format!(
+        "[assistants.echo]\nbackend = \"echo\"\n\n[channels.slack]\nkind = \"slack\"\nassistant = \"echo\"\nbot_token = \"file:{}\"\nsigning_secret = \"abc123\"\n",
+        token_file.display()
+    );
+    std::fs::write(dir.path().join("patchbay.toml"), &config).unwrap();
+    let check = |dir: &std::path::Path| {
+        std::process::Command::new(BIN).current_dir(dir).args(["--config", "patchbay.toml", "config", "check"]).output().unwrap()
+    };
+    let out = check(dir.path());
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("channels.slack.bot_token") && said.contains("user token"), "{said}");
+    assert!(!said.contains("xoxp-1234"), "the file's content is not printed: {said}");
+    // The right token in the file passes.
+    std::fs::write(&token_file, "xoxb-1234-5678-bot\n").unwrap();
+    let out = check(dir.path());
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}

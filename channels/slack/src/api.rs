@@ -256,6 +256,19 @@ fn describe(method: &str, e: &reqwest::Error) -> String {
 mod tests {
     use super::*;
 
+    #[tokio::test(start_paused = true)]
+    async fn a_429_blocks_one_method_of_one_workspace_until_retry_after() {
+        let api = Api::new("http://127.0.0.1:9/api", reqwest::Client::new(), Duration::from_secs(1));
+        api.block("T1", "chat.postMessage", Duration::from_secs(5));
+        assert_eq!(api.blocked_for("T1", "chat.postMessage"), Some(Duration::from_secs(5)));
+        assert_eq!(api.blocked_for("T1", "chat.update"), None, "other methods of the workspace are not restricted");
+        assert_eq!(api.blocked_for("T2", "chat.postMessage"), None, "nor the method for other workspaces");
+        let e = api.call("T1", "chat.postMessage", &Secret::new("xoxb-1"), &serde_json::json!({})).await.unwrap_err();
+        assert!(matches!(e, ApiError::Retryable { retry_after: Some(_), .. }), "refused without a request: {e:?}");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(api.blocked_for("T1", "chat.postMessage"), None);
+    }
+
     #[test]
     fn errors_are_classified() {
         let v = serde_json::json!({});
