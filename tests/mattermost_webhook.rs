@@ -5,6 +5,8 @@
 mod common;
 #[path = "common/fake_mattermost.rs"]
 mod fake_mattermost;
+#[path = "common/recorder.rs"]
+mod recorder;
 
 use fake_mattermost::{Encoding, Fault, FakeMattermost, OutgoingHook, OutgoingPayload};
 use common::*;
@@ -24,8 +26,13 @@ backend = "echo"
 /// The admin's path: create the channel (no token yet), copy the callback URL into an
 /// outgoing webhook, paste its token and an incoming webhook's URL back, enable.
 async fn set_up(pb: &Patchbay, mm: &FakeMattermost, id: &str, extra: Value, content_type: &str) -> (String, String) {
+    set_up_with(pb, mm, id, "echo", extra, content_type).await
+}
+
+/// [`set_up`] with another assistant.
+async fn set_up_with(pb: &Patchbay, mm: &FakeMattermost, id: &str, assistant: &str, extra: Value, content_type: &str) -> (String, String) {
     let (status, created) = pb
-        .admin("POST", "/api/v1/channels", Some(json!({"id": id, "kind": "mattermost", "assistant": "echo"})))
+        .admin("POST", "/api/v1/channels", Some(json!({"id": id, "kind": "mattermost", "assistant": assistant})))
         .await;
     assert_eq!(status, 201, "{created}");
     assert_eq!(created["enabled"], false);
@@ -336,4 +343,51 @@ async fn check_says_what_it_can_and_cannot_verify() {
     let out = pb.cli(&["doctor", "checked"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("cannot verify"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_without_an_incoming_webhook_answers_within_the_request_and_records_failures() {
+    use recorder::{Answer, Fake};
+    let assistant = Fake::start().await;
+    let config = format!(
+        "{CONFIG}\n[assistants.desk]\nbackend = \"webhook\"\nurl = \"{}\"\nsecret = \"0123456789abcdef0123\"\ntimeout_ms = 2000\n",
+        assistant.url
+    );
+    let mm = FakeMattermost::start().await;
+    mm.add_user("alice");
+    let pb = Patchbay::start(&config);
+    set_up_with(&pb, &mm, "inline", "desk", json!({"inline_timeout_ms": 1500}), "application/json").await;
+    let answer = |text: &str| Answer::json(200, json!({"replies": [{"text": text}]}));
+
+    // A 503 from the assistant is tried again within the request: the reply still comes inline.
+    assistant.push(Answer::status(503));
+    assistant.push(answer("after a retry"));
+    let first = mm.user_posts("alice", "town-square", "@helpdesk hello", None).await;
+    let body: Value = serde_json::from_slice(&first.callbacks[0].body).unwrap();
+    assert_eq!(body["text"], "after a retry");
+    assert_eq!(assistant.hits().len(), 2);
+
+    // The same outgoing webhook again (a replaying proxy): answered once, the repeat gets an
+    // empty 200 and the assistant is not asked again.
+    let cb = &first.callbacks[0];
+    let (status, _, repeat) =
+        fake_mattermost::post_raw(&cb.url, Some(&cb.sent_content_type), cb.sent_body.clone(), Duration::from_secs(10)).await.unwrap();
+    assert_eq!(status, 200);
+    assert!(repeat.is_empty(), "{}", String::from_utf8_lossy(&repeat));
+    assert_eq!(assistant.hits().len(), 2);
+
+    // Slower than inline_timeout_ms: nothing can carry a later reply, so Mattermost gets an
+    // empty 200 and the message is a dead letter that says what to do.
+    assistant.push(answer("too late").delay(Duration::from_millis(2500)));
+    let slow = mm.user_posts("alice", "town-square", "@helpdesk are you slow?", None).await;
+    assert_eq!(slow.callbacks[0].status, Some(200));
+    assert!(slow.reply_post_ids().is_empty());
+    let dead = eventually(Duration::from_secs(20), "a dead letter", || async {
+        let d = dead_letters(&pb).await;
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let reason = dead[0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("did not answer within 1500 ms") && reason.contains("incoming webhook"), "{reason}");
 }

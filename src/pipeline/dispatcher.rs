@@ -25,7 +25,7 @@ pub async fn run(p: Arc<Pipeline>) {
     .await
 }
 
-enum Failure {
+pub(crate) enum Failure {
     Retry { message: String, retry_after: Option<Duration> },
     Dead(String),
 }
@@ -44,7 +44,10 @@ pub(crate) async fn process(p: Arc<Pipeline>, item: InboxItem, owner: String) {
 
 async fn process_one(p: &Arc<Pipeline>, item: InboxItem, owner: &str) -> Option<InboxItem> {
     let owner = owner.to_owned();
-    let outcome = answer(p, &item).await;
+    let outcome = match serde_json::from_str::<Inbound>(&item.payload) {
+        Ok(inbound) => answer(p, &item, inbound).await,
+        Err(e) => Err(Failure::Dead(format!("the stored message cannot be read: {e}"))),
+    };
     let m = p.metrics.channel(&item.channel_id);
     let result = match outcome {
         Ok((inbound, replies, draft)) => complete(p, &item, &owner, inbound, replies, draft).await,
@@ -86,9 +89,7 @@ async fn process_one(p: &Arc<Pipeline>, item: InboxItem, owner: &str) -> Option<
 
 /// Asks the assistant. Answers the inbound, the replies and the platform id of the draft a
 /// streamed answer was shown in (to be finished by the first reply), or why not.
-async fn answer(p: &Pipeline, item: &InboxItem) -> Result<(Inbound, Vec<Reply>, Option<String>), Failure> {
-    let inbound: Inbound = serde_json::from_str(&item.payload)
-        .map_err(|e| Failure::Dead(format!("the stored message cannot be read: {e}")))?;
+pub(crate) async fn answer(p: &Pipeline, item: &InboxItem, inbound: Inbound) -> Result<(Inbound, Vec<Reply>, Option<String>), Failure> {
     let snap = p.registry.snapshot();
     let Some(channel) = snap.channels.get(&item.channel_id) else {
         return Err(Failure::Dead("the channel was deleted".into()));

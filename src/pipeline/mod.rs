@@ -16,7 +16,7 @@ pub mod sender;
 
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::store::{ChainClaim, Claim, NewInbox, PutClaimed, Store};
+use crate::store::{ChainClaim, Claim, InboxItem, NewInbox, PutClaimed, Store};
 use async_trait::async_trait;
 use patchbay_channel_core::{
     backoff::Backoff, Accepted, ChannelId, ConversationId, Inbound, Inbox, InboxError, Reply, WaitOutcome,
@@ -76,6 +76,34 @@ pub struct Pipeline {
     pub(crate) send_slots: Arc<Semaphore>,
     /// Itself, for the tasks an inline request starts.
     me: std::sync::Weak<Pipeline>,
+    /// Messages answered in their request lately, to recognise a repeat.
+    recent: Mutex<Recent>,
+}
+
+/// The most recent messages answered in their request (a bounded FIFO of key hashes).
+#[derive(Default)]
+struct Recent {
+    seen: std::collections::HashSet<u64>,
+    order: std::collections::VecDeque<u64>,
+}
+
+/// How many recent in-request messages are remembered for dedupe.
+const RECENT_CAP: usize = 65_536;
+
+impl Recent {
+    /// Remembers `key`; false when it was already there.
+    fn insert(&mut self, key: u64) -> bool {
+        if !self.seen.insert(key) {
+            return false;
+        }
+        self.order.push_back(key);
+        if self.order.len() > RECENT_CAP {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        true
+    }
 }
 
 /// The stable id of (channel, platform conversation, thread).
@@ -117,6 +145,7 @@ impl Pipeline {
         let replica = patchbay_channel_core::ids::random_token(10);
         Arc::new_cyclic(|me| Pipeline {
             me: me.clone(),
+            recent: Mutex::new(Recent::default()),
             dispatch_slots: Arc::new(Semaphore::new(settings.concurrency)),
             send_slots: Arc::new(Semaphore::new(settings.concurrency)),
             store,
@@ -305,6 +334,74 @@ impl Inbox for Pipeline {
             return Ok(Vec::new());
         }
         self.put(channel, inbound).await
+    }
+
+    async fn answer_in_request(
+        &self,
+        channel: &ChannelId,
+        inbound: Inbound,
+        timeout: Duration,
+    ) -> Result<WaitOutcome, InboxError> {
+        let started = Instant::now();
+        let key = {
+            let mut h = Sha256::new();
+            h.update(channel.as_str().as_bytes());
+            h.update([0]);
+            h.update(inbound.event_id.as_bytes());
+            u64::from_le_bytes(h.finalize()[..8].try_into().unwrap_or_default())
+        };
+        let fresh = self.recent.lock().unwrap_or_else(|p| p.into_inner()).insert(key);
+        self.counted(channel, 1, usize::from(fresh), started);
+        if !fresh {
+            return Ok(WaitOutcome::Duplicate);
+        }
+        let item = InboxItem {
+            id: 0,
+            channel_id: channel.as_str().to_owned(),
+            event_id: inbound.event_id.clone(),
+            conversation_id: conversation_id(channel.as_str(), &inbound.platform_conversation, inbound.thread.as_deref())
+                .to_string(),
+            payload: String::new(),
+            attempts: 0,
+            received_at: inbound.received_at,
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut item = item;
+        let why = loop {
+            item.attempts += 1;
+            let attempt = tokio::time::timeout_at(deadline, dispatcher::answer(self, &item, inbound.clone())).await;
+            match attempt {
+                Ok(Ok((_, replies, _))) => {
+                    let m = self.metrics.channel(channel.as_str());
+                    m.delivered.fetch_add(replies.len() as u64, Ordering::Relaxed);
+                    m.end_to_end_latency.observe(started.elapsed());
+                    return Ok(WaitOutcome::Replies(replies));
+                }
+                Ok(Err(dispatcher::Failure::Dead(reason))) => break reason,
+                Ok(Err(dispatcher::Failure::Retry { message, retry_after })) => {
+                    let delay = self.settings.backoff.delay_honouring(item.attempts, retry_after);
+                    if item.attempts >= self.settings.max_attempts || tokio::time::Instant::now() + delay >= deadline {
+                        break format!("gave up after {} attempts within the request: {message}", item.attempts);
+                    }
+                    tracing::warn!(channel = %channel, event = %item.event_id, attempt = item.attempts, error = %message,
+                        "assistant attempt failed; trying again within the request");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(_) => {
+                    break format!(
+                        "the assistant did not answer within {} ms, and this channel can only answer in the request (set an incoming webhook to deliver later replies)",
+                        timeout.as_millis()
+                    )
+                }
+            }
+        };
+        self.metrics.channel(channel.as_str()).failed.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(channel = %channel, event = %item.event_id, reason = %why, "message dead-lettered");
+        let record = Self::new_inbox(channel, &inbound)?;
+        if let Err(e) = self.store.dead_letter_put(record, item.attempts, why).await {
+            tracing::error!(channel = %channel, error = %e, "the dead letter could not be recorded");
+        }
+        Ok(WaitOutcome::Pending)
     }
 
     async fn accept_and_wait(

@@ -280,6 +280,9 @@ pub trait Store: Send + Sync + 'static {
     /// Puts a dead letter back in its queue for a fresh series of attempts.
     async fn dead_letter_retry(&self, id: i64) -> StoreResult<bool>;
     async fn dead_letter_delete(&self, id: i64) -> StoreResult<bool>;
+    /// Records a message that was never queued (answered in its request) as a dead letter of
+    /// the inbox, so it can be seen and retried like any other.
+    async fn dead_letter_put(&self, item: NewInbox, attempts: u32, reason: String) -> StoreResult<()>;
 
     // Conversation logs (what kinds keep through `ConversationLog`: web chat replay and history).
     /// Appends an entry with the conversation's next sequence number and answers it; an entry

@@ -633,6 +633,30 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn dead_letter_put(&self, it: NewInbox, attempts: u32, reason: String) -> StoreResult<()> {
+        self.run(move |c| {
+            c.prepare_cached(
+                "INSERT INTO dead_letters (queue, channel_id, conversation_id, key, payload, reason, attempts, received_at, failed_at)
+                 VALUES ('inbox', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    it.channel_id,
+                    it.conversation_id,
+                    it.event_id,
+                    it.payload,
+                    reason,
+                    attempts,
+                    it.received_at,
+                    patchbay_channel_core::now_ms()
+                ])
+            })
+            .map(|_| ())
+            .map_err(db)
+        })
+        .await
+    }
+
     async fn inbox_put_claimed(&self, it: NewInbox, dedupe_until: i64, owner: String, lease_until: i64) -> StoreResult<PutClaimed> {
         self.run(move |c| {
             let now = patchbay_channel_core::now_ms();

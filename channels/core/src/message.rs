@@ -158,4 +158,19 @@ pub trait Inbox: Send + Sync {
         inbound: Inbound,
         timeout: Duration,
     ) -> Result<WaitOutcome, InboxError>;
+
+    /// Has the assistant answer within this request, for platforms that take a reply only in
+    /// the response and offer the channel no way to deliver one later (Mattermost's inline
+    /// mode without an incoming webhook). Nothing is queued — a reply that missed its request
+    /// could not be delivered anyway — so the answer costs no durable write; a message whose
+    /// answer fails or comes too late is recorded as a dead letter. Repeats are recognised
+    /// among recent messages (in memory), not over the whole dedupe window.
+    async fn answer_in_request(
+        &self,
+        channel: &ChannelId,
+        inbound: Inbound,
+        timeout: Duration,
+    ) -> Result<WaitOutcome, InboxError> {
+        self.accept_and_wait(channel, inbound, timeout).await
+    }
 }

@@ -241,13 +241,22 @@ pub async fn handle(settings: &Settings, ctx: HookCtx, req: HttpRequest, body: w
             Ok(_) => empty_ok(),
             Err(e) => unavailable(e),
         },
-        ReplyMode::Inline => match ctx.inbox.accept_and_wait(&ctx.channel_id, inbound, settings.inline_timeout).await {
-            Ok(WaitOutcome::Replies(replies)) if !replies.is_empty() => {
-                HttpResponse::Ok().json(inline_response(settings, &replies))
+        ReplyMode::Inline => {
+            // With an incoming webhook, a late reply can still be delivered: the message is
+            // queued durably. Without one, only this response can carry the reply.
+            let answered = if settings.incoming_webhook_url.is_some() {
+                ctx.inbox.accept_and_wait(&ctx.channel_id, inbound, settings.inline_timeout).await
+            } else {
+                ctx.inbox.answer_in_request(&ctx.channel_id, inbound, settings.inline_timeout).await
+            };
+            match answered {
+                Ok(WaitOutcome::Replies(replies)) if !replies.is_empty() => {
+                    HttpResponse::Ok().json(inline_response(settings, &replies))
+                }
+                Ok(_) => empty_ok(),
+                Err(e) => unavailable(e),
             }
-            Ok(_) => empty_ok(),
-            Err(e) => unavailable(e),
-        },
+        }
     }
 }
 
