@@ -35,6 +35,19 @@ async fn push(svc: &Patchbay, user: &str, text: &str) {
     assert!(resp.status().is_success(), "{} {}", resp.status(), resp.text().await.unwrap_or_default());
 }
 
+/// A new user's socket that has said hello and sent `text`: (socket, token, user, the echo).
+async fn chatting(base: &str, text: &str) -> (Socket, String, String, Value) {
+    let mut s = Socket::open(base).await;
+    s.send(json!({"type": "hello"})).await;
+    let hello = s.next_of("hello").await;
+    let token = hello["token"].as_str().unwrap().to_owned();
+    let user = hello["user"].as_str().unwrap().to_owned();
+    s.send(json!({"type": "message", "text": text})).await;
+    let echo = s.next_of("message").await;
+    assert_eq!(echo["text"], format!("echo: {text}"));
+    (s, token, user, echo)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_answer_botkit_style_for_the_tokens_user_only() {
     let svc = Patchbay::start(CONFIG);
@@ -203,13 +216,7 @@ async fn socket_speaks_botkit_and_refuses_bad_frames_keeping_the_socket() {
 async fn replies_sent_while_the_socket_is_down_are_replayed_in_order_once() {
     let svc = Patchbay::start(CONFIG);
     let base = svc.callback_url("web").await;
-    let mut s = Socket::open(&base).await;
-    s.send(json!({"type": "hello"})).await;
-    let hello = s.next_of("hello").await;
-    let token = hello["token"].as_str().unwrap().to_owned();
-    let user = hello["user"].as_str().unwrap().to_owned();
-    s.send(json!({"type": "message", "text": "one"})).await;
-    let echo = s.next_of("message").await;
+    let (s, token, user, echo) = chatting(&base, "one").await;
     let watermark = echo["seq"].as_i64().unwrap();
     s.close().await;
 
@@ -289,14 +296,7 @@ async fn a_disabled_chat_closes_its_sockets_and_refuses_new_ones() {
 async fn a_client_that_stops_reading_is_dropped_and_replays_everything_on_return() {
     let svc = Patchbay::start(CONFIG);
     let base = svc.callback_url("web").await;
-    let mut s = Socket::open(&base).await;
-    s.send(json!({"type": "hello"})).await;
-    let hello = s.next_of("hello").await;
-    let token = hello["token"].as_str().unwrap().to_owned();
-    let user = hello["user"].as_str().unwrap().to_owned();
-    s.send(json!({"type": "message", "text": "start"})).await;
-    let first = s.next_of("message").await;
-    assert_eq!(first["text"], "echo: start");
+    let (mut s, token, user, first) = chatting(&base, "start").await;
 
     // The client stops reading while 600 replies of 40 KB (24 MB, more than the kernel's
     // socket buffers and patchbay's bounded queues hold) are pushed to it.
