@@ -17,12 +17,15 @@ use crate::bot::Bot;
 use crate::posted::{decide, parse_posted, BotIdentity, Decision, Rules, Where};
 use crate::rest::{Post, RestError};
 use async_trait::async_trait;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use patchbay_channel_core::{backoff::Backoff, Connector, ConnectorCtx};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// The most posts stored in one durable write (frames already read, or one catch-up page).
+const MAX_BATCH: usize = 256;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, Message};
 use tokio_util::sync::CancellationToken;
@@ -246,7 +249,27 @@ impl WsConnector {
                             return Ended::Lost(format!("Mattermost closed the connection{why}"));
                         }
                         Some(Ok(Message::Text(text))) => {
-                            if let Some(end) = self.on_frame(ctx, session, &me, &rules, text.as_str()).await {
+                            let mut posts = Vec::new();
+                            let mut end = self.on_frame(ctx, session, &me, text.as_str(), &mut posts);
+                            // The frames the socket already holds go into the same durable
+                            // write: under load one commit per post would bound the rate.
+                            while end.is_none() && posts.len() < MAX_BATCH {
+                                match ws.next().now_or_never() {
+                                    None => break,
+                                    Some(Some(Ok(Message::Text(text)))) => {
+                                        end = self.on_frame(ctx, session, &me, text.as_str(), &mut posts);
+                                    }
+                                    Some(Some(Ok(Message::Close(_)))) | Some(None) => {
+                                        end = Some(Ended::Lost("Mattermost closed the connection".into()));
+                                    }
+                                    Some(Some(Err(e))) => end = Some(Ended::Lost(format!("the WebSocket failed: {e}"))),
+                                    Some(Some(Ok(_))) => {}
+                                }
+                            }
+                            if let Err(e) = self.handle_posts(ctx, session, &me, &rules, posts).await {
+                                return e;
+                            }
+                            if let Some(end) = end {
                                 return end;
                             }
                         }
@@ -257,8 +280,9 @@ impl WsConnector {
         }
     }
 
-    /// One text frame: an event or the reply to an action.
-    async fn on_frame(&self, ctx: &ConnectorCtx, session: &mut Session, me: &BotIdentity, rules: &Rules, text: &str) -> Option<Ended> {
+    /// One text frame: an event or the reply to an action. A post is added to `posts`, to be
+    /// handled with the others read in the same go.
+    fn on_frame(&self, ctx: &ConnectorCtx, session: &mut Session, me: &BotIdentity, text: &str, posts: &mut Vec<(Post, Where)>) -> Option<Ended> {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
             tracing::warn!(channel = %ctx.channel_id, "ignoring a WebSocket frame that is not JSON");
             return None;
@@ -296,21 +320,29 @@ impl WsConnector {
             return None;
         };
         ctx.status.event_seen();
-        self.handle_post(ctx, session, me, rules, post, w).await.err()
+        posts.push((post, w));
+        None
     }
 
-    async fn handle_post(&self, ctx: &ConnectorCtx, session: &mut Session, me: &BotIdentity, rules: &Rules, post: Post, w: Where) -> Result<(), Ended> {
-        match decide(me, rules, &post, &w) {
-            Decision::Ignore(why) => tracing::debug!(channel = %ctx.channel_id, post = %post.id, why, "not answered"),
-            Decision::Answer(inbound) => {
-                if let Err(e) = ctx.inbox.accept(&ctx.channel_id, *inbound).await {
-                    // Not seen: the next catch-up fetches it again.
-                    session.catch_up = true;
-                    return Err(Ended::Lost(format!("post {} could not be stored: {e}", post.id)));
-                }
+    /// Stores the posts to answer in one durable write, then marks them all seen.
+    async fn handle_posts(&self, ctx: &ConnectorCtx, session: &mut Session, me: &BotIdentity, rules: &Rules, posts: Vec<(Post, Where)>) -> Result<(), Ended> {
+        let mut answer = Vec::new();
+        for (post, w) in &posts {
+            match decide(me, rules, post, w) {
+                Decision::Ignore(why) => tracing::debug!(channel = %ctx.channel_id, post = %post.id, why, "not answered"),
+                Decision::Answer(inbound) => answer.push(*inbound),
             }
         }
-        session.seen(&post);
+        if !answer.is_empty() {
+            if let Err(e) = ctx.inbox.accept_batch(&ctx.channel_id, answer).await {
+                // Not seen: the next catch-up fetches them again.
+                session.catch_up = true;
+                return Err(Ended::Lost(format!("{} posts could not be stored: {e}", posts.len())));
+            }
+        }
+        for (post, _) in &posts {
+            session.seen(post);
+        }
         Ok(())
     }
 
@@ -343,8 +375,9 @@ impl WsConnector {
                 Some(Err(e)) => return Some(fail(e)),
             };
             fetched += posts.len();
-            for post in posts {
-                if let Err(end) = self.handle_post(ctx, session, me, rules, post, w.clone()).await {
+            for chunk in posts.chunks(MAX_BATCH) {
+                let chunk = chunk.iter().map(|p| (p.clone(), w.clone())).collect();
+                if let Err(end) = self.handle_posts(ctx, session, me, rules, chunk).await {
                     return Some(end);
                 }
             }
