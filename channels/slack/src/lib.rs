@@ -69,6 +69,8 @@ pub struct Slack {
     pub kv: Arc<dyn SealedKv>,
     /// Installed workspaces read so far.
     workspaces: Mutex<HashMap<String, oauth::Workspace>>,
+    /// Workspaces found without an install, and when (see `Slack::workspace`).
+    not_installed: Mutex<HashMap<String, std::time::Instant>>,
     /// One token refresh at a time (a refresh token is single use).
     refreshing: tokio::sync::Mutex<()>,
     pacer: pacing::Pacer,
@@ -89,6 +91,7 @@ impl Slack {
             callback_url: env.callback_url.clone(),
             kv: env.kv.clone(),
             workspaces: Mutex::new(HashMap::new()),
+            not_installed: Mutex::new(HashMap::new()),
             refreshing: tokio::sync::Mutex::new(()),
             pacer: pacing::Pacer::new(PACE_INTERVAL, PACE_BURST),
             identities: Mutex::new(HashMap::new()),

@@ -27,6 +27,8 @@ const STATE_TTL: Duration = Duration::from_secs(600);
 /// A rotating token is refreshed this long before it expires.
 const REFRESH_MARGIN_MS: i64 = 60_000;
 const COOKIE: &str = "patchbay_slack_oauth_state";
+/// How long "this workspace has no install" is believed without asking the store again.
+const NOT_INSTALLED_TTL: Duration = Duration::from_secs(10);
 
 /// One installed workspace, as sealed in the store.
 #[derive(Clone, Serialize, Deserialize)]
@@ -252,6 +254,7 @@ impl Slack {
         let json = serde_json::to_string(ws).unwrap_or_default();
         self.kv.put(&self.channel_id, &workspace_key(&ws.team_id), &Secret::new(json), None).await?;
         self.workspaces.lock().unwrap().insert(ws.team_id.clone(), ws.clone());
+        self.not_installed.lock().unwrap().remove(&ws.team_id);
         Ok(())
     }
 
@@ -263,8 +266,21 @@ impl Slack {
         if let Some(ws) = self.workspaces.lock().unwrap().get(team).cloned() {
             return Some(ws);
         }
-        let v = self.kv.get(&self.channel_id, &workspace_key(team)).await.ok()??;
-        let ws: Workspace = serde_json::from_str(v.expose()).ok()?;
+        // Most sends go to workspaces without an install (the configured bot_token's): ask
+        // the store about one at most every 10 s, not on every message. An install on this
+        // replica is seen at once; one on another replica within those 10 s.
+        if self.not_installed.lock().unwrap().get(team).is_some_and(|at| at.elapsed() < NOT_INSTALLED_TTL) {
+            return None;
+        }
+        let found = self.kv.get(&self.channel_id, &workspace_key(team)).await.ok().flatten();
+        let Some(ws) = found.and_then(|v| serde_json::from_str::<Workspace>(v.expose()).ok()) else {
+            let mut absent = self.not_installed.lock().unwrap();
+            if absent.len() > 10_000 {
+                absent.clear();
+            }
+            absent.insert(team.to_owned(), std::time::Instant::now());
+            return None;
+        };
         self.learn_workspace(&ws);
         Some(ws)
     }

@@ -10,13 +10,14 @@ use tokio::time::Instant;
 pub struct Pacer {
     interval: Duration,
     burst: u32,
-    /// key → theoretical arrival time of the next message.
-    tat: Mutex<HashMap<String, Instant>>,
+    /// key → theoretical arrival time of the next message; when expired keys were last
+    /// removed.
+    tat: Mutex<(HashMap<String, Instant>, Instant)>,
 }
 
 impl Pacer {
     pub fn new(interval: Duration, burst: u32) -> Pacer {
-        Pacer { interval, burst: burst.max(1), tat: Mutex::new(HashMap::new()) }
+        Pacer { interval, burst: burst.max(1), tat: Mutex::new((HashMap::new(), Instant::now())) }
     }
 
     /// Reserves the next slot of `key`: `Ok(wait)` — post after `wait` (zero within a burst);
@@ -25,9 +26,13 @@ impl Pacer {
     pub fn reserve(&self, key: &str, max_wait: Duration) -> Result<Duration, Duration> {
         let now = Instant::now();
         let tolerance = self.interval * (self.burst - 1);
-        let mut map = self.tat.lock().unwrap();
-        if map.len() > 10_000 {
+        let mut guard = self.tat.lock().unwrap();
+        let (map, pruned) = &mut *guard;
+        // Keys whose slot has passed carry no state: drop them, at most once a second (a scan
+        // per message would cost more than the pacing).
+        if now.duration_since(*pruned) >= Duration::from_secs(1) && map.len() > 1024 {
             map.retain(|_, t| *t > now);
+            *pruned = now;
         }
         let tat = map.get(key).copied().filter(|t| *t > now).unwrap_or(now);
         let earliest = tat.checked_sub(tolerance).unwrap_or(now);
@@ -35,7 +40,12 @@ impl Pacer {
         if wait > max_wait {
             return Err(wait);
         }
-        map.insert(key.to_owned(), tat + self.interval);
+        match map.get_mut(key) {
+            Some(t) => *t = tat + self.interval,
+            None => {
+                map.insert(key.to_owned(), tat + self.interval);
+            }
+        }
         Ok(wait)
     }
 }
