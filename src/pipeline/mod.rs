@@ -280,10 +280,19 @@ impl Pipeline {
         Ok(accepted)
     }
 
-    /// Stores a message for a request that waits for its answer, and has it answered at once
-    /// by a task of its own (not through the dispatcher's claim loop) when its conversation
-    /// has nothing else queued: one write fewer and no hand-over before the assistant is asked.
+    /// Stores a message and, when a dispatcher slot is free and its conversation has nothing
+    /// else queued, has it answered at once by a task of its own (stored already claimed: no
+    /// claim write and no hand-over to the claim loop before the assistant is asked). Without
+    /// a free slot it is queued like any other, so a burst never holds leases while waiting.
     async fn put_and_answer(&self, channel: &ChannelId, inbound: Inbound) -> Result<Accepted, InboxError> {
+        let free = match self.me.upgrade() {
+            Some(p) if !self.stop.is_cancelled() => p.dispatch_slots.clone().try_acquire_owned().ok().map(|slot| (p, slot)),
+            _ => None,
+        };
+        let Some((p, slot)) = free else {
+            let mut out = self.put(channel, vec![inbound]).await?;
+            return Ok(out.pop().unwrap_or(Accepted::Duplicate));
+        };
         let started = Instant::now();
         let item = Self::new_inbox(channel, &inbound)?;
         let claim = self.claim(1);
@@ -305,17 +314,12 @@ impl Pipeline {
             }
             PutClaimed::Claimed(item) => {
                 self.counted(channel, 1, 1, started);
-                // Without a pipeline (shutting down) the lease expires and the message is
-                // answered at the next start.
-                if let Some(p) = self.me.upgrade() {
-                    let slots = p.dispatch_slots.clone();
-                    tokio::spawn(async move {
-                        // Counted against the dispatcher's concurrency, and waited for by a
-                        // graceful shutdown like its work.
-                        let Ok(_slot) = slots.acquire_owned().await else { return };
-                        dispatcher::process(p, item, claim.owner).await;
-                    });
-                }
+                tokio::spawn(async move {
+                    // The slot counts against the dispatcher's concurrency, and a graceful
+                    // shutdown waits for it like for the dispatcher's own work.
+                    let _slot = slot;
+                    dispatcher::process(p, item, claim.owner).await;
+                });
                 Ok(Accepted::New)
             }
         }
@@ -325,8 +329,7 @@ impl Pipeline {
 #[async_trait]
 impl Inbox for Pipeline {
     async fn accept(&self, channel: &ChannelId, inbound: Inbound) -> Result<Accepted, InboxError> {
-        let mut out = self.put(channel, vec![inbound]).await?;
-        Ok(out.pop().unwrap_or(Accepted::Duplicate))
+        self.put_and_answer(channel, inbound).await
     }
 
     async fn accept_batch(&self, channel: &ChannelId, inbound: Vec<Inbound>) -> Result<Vec<Accepted>, InboxError> {
