@@ -234,3 +234,28 @@ async fn a_refused_app_token_fails_the_channel_and_says_what_to_do() {
     assert!(!msg.contains(&w.slack.app_token));
     assert!(!w.pb.stderr().contains(&w.slack.app_token), "no secret in the logs");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_process_on_the_same_app_token_is_reported() {
+    let w = start("").await;
+    // A forgotten instance elsewhere opens a link with the same app token: Slack now splits
+    // the events between the two, and tells the next link so in its hello.
+    let open: Value = reqwest::Client::new()
+        .post(format!("{}/apps.connections.open", w.slack.api_url()))
+        .bearer_auth(&w.slack.app_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (_other, _) = tokio_tungstenite::connect_async(open["url"].as_str().unwrap()).await.unwrap();
+    eventually(T, "two live links", || async { (w.slack.live_connections().len() == 2).then_some(()) }).await;
+    w.slack.drop_connection(0);
+    let st = eventually(T, "the status says so", || async {
+        let st = w.status().await;
+        st["last_error"]["message"].as_str().is_some_and(|m| m.contains("another process")).then_some(st)
+    })
+    .await;
+    assert!(st["last_error"]["message"].as_str().unwrap().contains("2 Socket Mode connections"), "{st}");
+}
