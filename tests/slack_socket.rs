@@ -259,3 +259,20 @@ async fn another_process_on_the_same_app_token_is_reported() {
     .await;
     assert!(st["last_error"]["message"].as_str().unwrap().contains("2 Socket Mode connections"), "{st}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_reconnects_back_off_exponentially() {
+    let w = start("").await;
+    w.slack.fail_next("apps.connections.open", fake_slack::Fault::Error("internal_error"));
+    w.slack.fail_next("apps.connections.open", fake_slack::Fault::Status(503));
+    w.slack.drop_connection(0);
+    w.wait_live(1).await;
+    let calls = w.slack.calls("apps.connections.open");
+    assert_eq!(calls.len(), 4, "the first link, two refusals, the new link: {calls:?}");
+    assert_eq!((calls[1].error.as_str(), calls[2].error.as_str(), calls[3].error.as_str()), ("internal_error", "http_503", ""));
+    // Backoff with equal jitter from 1 s, doubling: each wait at least half its nominal delay.
+    let gaps = [calls[2].at - calls[1].at, calls[3].at - calls[2].at];
+    assert!(gaps[0] >= Duration::from_secs(1) && gaps[1] >= Duration::from_secs(2), "{gaps:?}");
+    w.slack.user_says("alice", "general", &mention("recovered?"), None).await;
+    assert_eq!(w.wait_bot_messages("general", 1).await[0].text, "echo: recovered?");
+}
