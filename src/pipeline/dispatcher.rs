@@ -319,7 +319,24 @@ async fn complete(
         updated_at: now,
     };
     let next = p.chain_claim(&item.channel_id);
-    let next = p.store.inbox_complete(item.id, owner, queued, conversation, next).await?;
+    // With a sender slot free, the first reply is claimed in the same commit and sent at
+    // once, without waiting for the sender's next claim round.
+    let sender = match (any_queued, p.chain_claim(&item.channel_id), p.me.upgrade()) {
+        (true, Some(at), Some(arc)) => arc.send_slots.clone().try_acquire_owned().ok().map(|slot| (arc, slot, p.claim(1).owner, at)),
+        _ => None,
+    };
+    let send = sender.as_ref().map(|(_, _, send_owner, at)| (send_owner.clone(), at.clone()));
+    let (next, sending) = p.store.inbox_complete(item.id, owner, queued, conversation, next, send).await?;
+    let any_queued = match (sending, sender) {
+        (Some(reply), Some((arc, slot, send_owner, _))) => {
+            p.rt.spawn(async move {
+                let _slot = slot;
+                super::sender::deliver(arc, reply, send_owner).await;
+            });
+            false
+        }
+        _ => any_queued,
+    };
     if let Some(tx) = waiter {
         let n = replies.len();
         if tx.send(replies).is_ok() {

@@ -78,6 +78,10 @@ pub struct Pipeline {
     me: std::sync::Weak<Pipeline>,
     /// Messages answered in their request lately, to recognise a repeat.
     recent: Mutex<Recent>,
+    /// The service's runtime. Work started from a request must run here, not on the HTTP
+    /// worker's own runtime, which stops with the worker before the pipeline's graceful
+    /// shutdown has waited for that work.
+    pub(crate) rt: tokio::runtime::Handle,
 }
 
 /// The most recent messages answered in their request (a bounded FIFO of key hashes).
@@ -146,6 +150,7 @@ impl Pipeline {
         Arc::new_cyclic(|me| Pipeline {
             me: me.clone(),
             recent: Mutex::new(Recent::default()),
+            rt: tokio::runtime::Handle::current(),
             dispatch_slots: Arc::new(Semaphore::new(settings.concurrency)),
             send_slots: Arc::new(Semaphore::new(settings.concurrency)),
             store,
@@ -314,7 +319,7 @@ impl Pipeline {
             }
             PutClaimed::Claimed(item) => {
                 self.counted(channel, 1, 1, started);
-                tokio::spawn(async move {
+                self.rt.spawn(async move {
                     // The slot counts against the dispatcher's concurrency, and a graceful
                     // shutdown waits for it like for the dispatcher's own work.
                     let _slot = slot;

@@ -26,7 +26,7 @@ pub async fn run(p: Arc<Pipeline>) {
 
 /// Delivers a claimed reply and then, holding the same slot, each next reply of its
 /// conversation that the completion claimed along (see `Store::outbox_done`).
-async fn deliver(p: Arc<Pipeline>, item: OutboxItem, owner: String) {
+pub(crate) async fn deliver(p: Arc<Pipeline>, item: OutboxItem, owner: String) {
     let mut current = Some(item);
     while let Some(item) = current.take() {
         current = deliver_one(&p, item, &owner).await;

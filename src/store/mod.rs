@@ -251,7 +251,10 @@ pub trait Store: Send + Sync + 'static {
     async fn inbox_put_claimed(&self, item: NewInbox, dedupe_until: i64, owner: String, lease_until: i64) -> StoreResult<PutClaimed>;
     /// Removes the answered message and queues its replies, atomically. With `next`, the
     /// same commit claims the next message of the conversation (when it is due and free)
-    /// under the same owner, so a busy conversation does not wait for a new claim round.
+    /// under the same owner, so a busy conversation does not wait for a new claim round. With
+    /// `send`, it also claims the conversation's first queued reply under `send`'s owner when
+    /// that is one of these replies (nothing of the conversation queued before them), so it
+    /// can be sent at once.
     async fn inbox_complete(
         &self,
         id: i64,
@@ -259,7 +262,8 @@ pub trait Store: Send + Sync + 'static {
         replies: Vec<NewOutbox>,
         conversation: ConversationRecord,
         next: Option<ChainClaim>,
-    ) -> StoreResult<Option<InboxItem>>;
+        send: Option<(String, ChainClaim)>,
+    ) -> StoreResult<(Option<InboxItem>, Option<OutboxItem>)>;
     /// Gives the message back for another attempt no sooner than `next_at`.
     async fn inbox_release(&self, id: i64, owner: &str, next_at: i64, error: &str) -> StoreResult<()>;
     async fn inbox_dead(&self, id: i64, owner: &str, reason: &str) -> StoreResult<()>;

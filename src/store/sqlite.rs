@@ -273,6 +273,14 @@ const CHAIN_INBOX: &str = "
       AND next_at <= ?4 AND lease_until <= ?4
     RETURNING id, channel_id, event_id, conversation_id, payload, attempts, received_at";
 
+/// Claims a conversation's first queued reply when it is the given one (just queued by the
+/// same commit, nothing of the conversation waiting before it).
+const CLAIM_OWN_REPLY: &str = "
+    UPDATE outbox SET lease_owner = ?1, lease_until = ?2, attempts = attempts + 1
+    WHERE id = (SELECT min(id) FROM outbox WHERE conversation_id = ?3)
+      AND next_at <= ?4 AND lease_until <= ?4 AND reply_id = ?5
+    RETURNING id, reply_id, channel_id, payload, attempts, received_at";
+
 const CHAIN_OUTBOX: &str = "
     UPDATE outbox SET lease_owner = ?1, lease_until = ?2, attempts = attempts + 1
     WHERE id = (SELECT min(id) FROM outbox WHERE conversation_id = ?3)
@@ -725,7 +733,8 @@ impl Store for SqliteStore {
         replies: Vec<NewOutbox>,
         conversation: ConversationRecord,
         next: Option<ChainClaim>,
-    ) -> StoreResult<Option<InboxItem>> {
+        send: Option<(String, ChainClaim)>,
+    ) -> StoreResult<(Option<InboxItem>, Option<OutboxItem>)> {
         let owner = owner.to_owned();
         self.run(move |c| {
             let n = c
@@ -737,13 +746,25 @@ impl Store for SqliteStore {
             }
             insert_outbox(c, &replies)?;
             upsert_conversation(c, &conversation)?;
-            let Some(next) = next else { return Ok(None) };
-            c.prepare_cached(CHAIN_INBOX)
+            let sending = match (&send, replies.first()) {
+                (Some((send_owner, claim)), Some(first)) => c
+                    .prepare_cached(CLAIM_OWN_REPLY)
+                    .and_then(|mut s| {
+                        s.query_row(params![send_owner, claim.lease_until, conversation.id, claim.now, first.reply_id], outbox_row)
+                            .optional()
+                    })
+                    .map_err(db)?,
+                _ => None,
+            };
+            let Some(next) = next else { return Ok((None, sending)) };
+            let next = c
+                .prepare_cached(CHAIN_INBOX)
                 .and_then(|mut s| {
                     s.query_row(params![owner, next.lease_until, conversation.id, next.now], inbox_row)
                         .optional()
                 })
-                .map_err(db)
+                .map_err(db)?;
+            Ok((next, sending))
         })
         .await
     }
