@@ -6,6 +6,7 @@ use crate::auth::{authenticate, error_text, AuthError, Tokens};
 use crate::http::{proxy_refused, transport_error, Clients, Transport};
 use crate::settings::{Settings, Which};
 use patchbay_channel_core::backoff::parse_retry_after;
+use reqwest::header::{HeaderName, HeaderValue, ACCEPT};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Mutex, RwLock};
@@ -15,7 +16,31 @@ use tokio::sync::{Mutex, RwLock};
 pub struct Session {
     pub tokens: Tokens,
     pub generation: u64,
+    /// The tokens as header values, made once per session rather than once per call (None
+    /// when a token is not a valid header value: the call then fails as it would have).
+    session_header: Option<HeaderValue>,
+    key_manager_header: Option<HeaderValue>,
 }
+
+impl Session {
+    pub fn new(tokens: Tokens, generation: u64) -> Session {
+        let header = |v: &str| {
+            HeaderValue::from_str(v).ok().map(|mut h| {
+                h.set_sensitive(true);
+                h
+            })
+        };
+        Session {
+            session_header: header(tokens.session.expose()),
+            key_manager_header: header(tokens.key_manager.expose()),
+            tokens,
+            generation,
+        }
+    }
+}
+
+static SESSION_TOKEN: HeaderName = HeaderName::from_static("sessiontoken");
+static KEY_MANAGER_TOKEN: HeaderName = HeaderName::from_static("keymanagertoken");
 
 /// An answer from the pod or the agent other than 401/407.
 #[derive(Debug)]
@@ -96,7 +121,7 @@ impl Api {
         }
         let tokens = authenticate(&self.settings, &self.clients).await?;
         let generation = current.map(|c| c.generation + 1).unwrap_or(1);
-        let s = Arc::new(Session { tokens, generation });
+        let s = Arc::new(Session::new(tokens, generation));
         *self.session.write().await = Some(s.clone());
         Ok(s)
     }
@@ -106,7 +131,7 @@ impl Api {
         let _one_at_a_time = self.refreshing.lock().await;
         let tokens = authenticate(&self.settings, &self.clients).await?;
         let generation = self.session.read().await.as_ref().map(|c| c.generation + 1).unwrap_or(1);
-        let s = Arc::new(Session { tokens, generation });
+        let s = Arc::new(Session::new(tokens, generation));
         *self.session.write().await = Some(s.clone());
         Ok(s)
     }
@@ -122,10 +147,16 @@ impl Api {
                 .get(which)
                 .request(method.clone(), &url)
                 .timeout(timeout)
-                .header("accept", "application/json")
-                .header("sessionToken", session.tokens.session.expose());
+                .header(ACCEPT, HeaderValue::from_static("application/json"));
+            req = match &session.session_header {
+                Some(h) => req.header(&SESSION_TOKEN, h.clone()),
+                None => req.header(&SESSION_TOKEN, session.tokens.session.expose()),
+            };
             if which == Which::Agent {
-                req = req.header("keyManagerToken", session.tokens.key_manager.expose());
+                req = match &session.key_manager_header {
+                    Some(h) => req.header(&KEY_MANAGER_TOKEN, h.clone()),
+                    None => req.header(&KEY_MANAGER_TOKEN, session.tokens.key_manager.expose()),
+                };
             }
             req = match body {
                 Body::None => req,

@@ -71,12 +71,18 @@ impl Symphony {
             Err(ApiError::Network(m)) => return Err(SendError::retryable(m)),
             Err(e) => return Err(SendError::Unauthorized(e.message().to_owned())),
         };
+        if a.ok() {
+            /// Only the id of what was posted; the rest of the answer is skipped unread.
+            #[derive(serde::Deserialize, Default)]
+            struct Created {
+                #[serde(rename = "messageId", default)]
+                message_id: Option<String>,
+            }
+            let created: Created = a.json().unwrap_or_default();
+            return Ok(created.message_id.unwrap_or_default());
+        }
         let text = a.error_text();
         match a.status {
-            200..=299 => {
-                let v: serde_json::Value = a.json().unwrap_or_default();
-                Ok(v["messageId"].as_str().unwrap_or_default().to_owned())
-            }
             400 => Err(SendError::Permanent(format!("Symphony refused the message (400): {text}"))),
             403 => Err(SendError::Permanent(format!(
                 "Symphony refused the message (403: {text}): the bot is not a member of stream {sid} or lacks the entitlement to post; add it to the room"

@@ -74,6 +74,15 @@ async fn or_stop<T>(stop: &CancellationToken, fut: impl Future<Output = T>) -> R
     }
 }
 
+/// The array at `v` (a read's `events`, or a v1 read itself), moved out; anything else is no
+/// events.
+fn take_array(v: Option<&mut serde_json::Value>) -> Vec<serde_json::Value> {
+    match v.map(serde_json::Value::take) {
+        Some(serde_json::Value::Array(events)) => events,
+        _ => Vec::new(),
+    }
+}
+
 /// v2 fanout feeds: `^[^\s_]+_f(_[^\s_]+)?$` (the BDKs' filter; `_p_` feeds are datahose).
 pub fn is_fanout_feed(id: &str) -> bool {
     let plain = |s: &str| !s.is_empty() && !s.contains(|c: char| c.is_whitespace() || c == '_');
@@ -185,10 +194,10 @@ impl Datafeed {
                     let a = or_stop(stop, sym.api.call(Which::Agent, reqwest::Method::POST, &path, &body, read_timeout)).await??;
                     match a.status {
                         200 => {
-                            let v: serde_json::Value = a.json().map_err(|e| Trouble::retry(format!("datafeed read: {e}")))?;
+                            let mut v: serde_json::Value = a.json().map_err(|e| Trouble::retry(format!("datafeed read: {e}")))?;
                             let ack = v["ackId"].as_str().unwrap_or_default().to_owned();
-                            let events = v["events"].as_array().cloned().unwrap_or_default();
-                            Some((events, Some(ack)))
+                            // Taken, not copied: each event becomes its inbound's `raw`.
+                            Some((take_array(v.get_mut("events")), Some(ack)))
                         }
                         _ => {
                             self.read_failed(feed, &id, a.status, &a.error_text(), a.retry_after, stop).await?;
@@ -202,8 +211,8 @@ impl Datafeed {
                     match a.status {
                         204 => Some((Vec::new(), None)),
                         200 => {
-                            let v: serde_json::Value = a.json().map_err(|e| Trouble::retry(format!("datafeed read: {e}")))?;
-                            Some((v.as_array().cloned().unwrap_or_default(), None))
+                            let mut v: serde_json::Value = a.json().map_err(|e| Trouble::retry(format!("datafeed read: {e}")))?;
+                            Some((take_array(Some(&mut v)), None))
                         }
                         _ => {
                             self.read_failed(feed, &id, a.status, &a.error_text(), a.retry_after, stop).await?;
@@ -218,7 +227,7 @@ impl Datafeed {
             if !events.is_empty() {
                 ctx.status.event_seen();
             }
-            let inbound = self.to_inbound(ctx, &bot, &events);
+            let inbound = self.to_inbound(ctx, &bot, events);
             if !inbound.is_empty() {
                 let n = inbound.len();
                 match s.datafeed_version {
@@ -237,14 +246,17 @@ impl Datafeed {
         }
     }
 
-    fn to_inbound(&self, ctx: &ConnectorCtx, bot: &BotInfo, events: &[serde_json::Value]) -> Vec<Inbound> {
+    fn to_inbound(&self, ctx: &ConnectorCtx, bot: &BotInfo, events: Vec<serde_json::Value>) -> Vec<Inbound> {
         events
-            .iter()
-            .filter_map(|ev| match decide(ev, bot) {
-                Decision::Answer(i) => Some(*i),
-                Decision::Ignore(why) => {
-                    tracing::debug!(channel = %ctx.channel_id, event = ev["id"].as_str().unwrap_or_default(), why, "not answered");
-                    None
+            .into_iter()
+            .filter_map(|ev| {
+                let id = tracing::enabled!(tracing::Level::DEBUG).then(|| ev["id"].as_str().unwrap_or_default().to_owned());
+                match decide(ev, bot) {
+                    Decision::Answer(i) => Some(*i),
+                    Decision::Ignore(why) => {
+                        tracing::debug!(channel = %ctx.channel_id, event = id.as_deref().unwrap_or_default(), why, "not answered");
+                        None
+                    }
                 }
             })
             .collect()
@@ -342,5 +354,18 @@ mod tests {
         assert!(!is_fanout_feed("abc"));
         assert!(!is_fanout_feed("_f"));
         assert!(!is_fanout_feed("abc_f_x_y"));
+    }
+
+    #[test]
+    fn events_are_moved_out_of_the_answer() {
+        let mut v = serde_json::json!({"ackId": "a1", "events": [{"id": "e1"}, {"id": "e2"}]});
+        let events = take_array(v.get_mut("events"));
+        assert_eq!(events.iter().map(|e| e["id"].as_str().unwrap()).collect::<Vec<_>>(), ["e1", "e2"]);
+        assert_eq!(v["ackId"], "a1");
+        // No events, null events, or not an array: nothing to store (v1 answers a bare array).
+        assert!(take_array(serde_json::json!({"ackId": "a2"}).get_mut("events")).is_empty());
+        assert!(take_array(serde_json::json!({"events": null}).get_mut("events")).is_empty());
+        assert!(take_array(Some(&mut serde_json::json!({"id": "e1"}))).is_empty());
+        assert_eq!(take_array(Some(&mut serde_json::json!([{"id": "e1"}]))).len(), 1);
     }
 }

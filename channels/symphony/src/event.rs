@@ -42,7 +42,8 @@ fn id_string(v: &Value) -> String {
     }
 }
 
-pub fn decide(event: &Value, bot: &BotInfo) -> Decision {
+/// Takes the event by value: an answered event becomes the inbound's `raw` as it is (no copy).
+pub fn decide(event: Value, bot: &BotInfo) -> Decision {
     if event.get("type").and_then(|t| t.as_str()) != Some("MESSAGESENT") {
         return Decision::Ignore("not a MESSAGESENT event");
     }
@@ -52,14 +53,14 @@ pub fn decide(event: &Value, bot: &BotInfo) -> Decision {
     }
     let msg = &event["payload"]["messageSent"]["message"];
     let message_id = msg.get("messageId").and_then(|m| m.as_str()).or_else(|| event.get("messageId").and_then(|m| m.as_str()));
-    let Some(message_id) = message_id.filter(|m| !m.is_empty()) else {
+    let Some(message_id) = message_id.filter(|m| !m.is_empty()).map(str::to_owned) else {
         return Decision::Ignore("a message without a messageId");
     };
-    let stream_id = msg["stream"]["streamId"].as_str().unwrap_or_default();
+    let stream_id = msg["stream"]["streamId"].as_str().unwrap_or_default().to_owned();
     if stream_id.is_empty() {
         return Decision::Ignore("a message without a stream");
     }
-    let stream_type = msg["stream"]["streamType"].as_str().unwrap_or("ROOM");
+    let stream_type = msg["stream"]["streamType"].as_str().unwrap_or("ROOM").to_owned();
     let parsed = to_text(msg["message"].as_str().unwrap_or_default(), msg["data"].as_str().unwrap_or_default(), &bot.id);
     let im = stream_type == "IM";
     if !im && !parsed.mentions_bot {
@@ -67,24 +68,24 @@ pub fn decide(event: &Value, bot: &BotInfo) -> Decision {
     }
     let user = &msg["user"];
     let user_id = match id_string(&user["userId"]) {
-        s if s.is_empty() => initiator.clone(),
+        s if s.is_empty() => initiator,
         s => s,
     };
     let name = user["displayName"].as_str().or(user["username"].as_str()).unwrap_or_default().to_owned();
     Decision::Answer(Box::new(Inbound {
-        event_id: message_id.to_owned(),
-        platform_conversation: stream_id.to_owned(),
-        thread: None,
-        user: User { id: user_id.clone(), name },
-        text: parsed.text,
-        addressed: true,
         route: serde_json::json!({
             "stream_id": stream_id,
             "stream_type": stream_type,
             "message_id": message_id,
             "user_id": user_id,
         }),
-        raw: event.clone(),
+        event_id: message_id,
+        platform_conversation: stream_id,
+        thread: None,
+        user: User { id: user_id, name },
+        text: parsed.text,
+        addressed: true,
+        raw: event,
         received_at: now_ms(),
     }))
 }
@@ -111,7 +112,7 @@ mod tests {
 
     #[test]
     fn ims_are_always_answered() {
-        let Decision::Answer(i) = decide(&event(7, "IM", "<div>hello</div>", ""), &bot()) else { panic!() };
+        let Decision::Answer(i) = decide(event(7, "IM", "<div>hello</div>", ""), &bot()) else { panic!() };
         assert_eq!((i.event_id.as_str(), i.platform_conversation.as_str(), i.text.as_str()), ("m1", "s+1/x==", "hello"));
         assert_eq!(i.user, User { id: "7".into(), name: "Alice".into() });
         assert_eq!(i.route["stream_type"], "IM");
@@ -119,13 +120,13 @@ mod tests {
 
     #[test]
     fn rooms_only_when_mentioned_and_never_the_bots_own() {
-        assert_eq!(decide(&event(7, "ROOM", "<div>hello</div>", ""), &bot()), Decision::Ignore("a room message that does not mention the bot"));
+        assert_eq!(decide(event(7, "ROOM", "<div>hello</div>", ""), &bot()), Decision::Ignore("a room message that does not mention the bot"));
         let ml = r#"<div><span class="entity" data-entity-id="0">@Patchbay</span> hello</div>"#;
-        let Decision::Answer(i) = decide(&event(7, "ROOM", ml, MENTION), &bot()) else { panic!() };
+        let Decision::Answer(i) = decide(event(7, "ROOM", ml, MENTION), &bot()) else { panic!() };
         assert_eq!(i.text, "hello");
-        assert_eq!(decide(&event(100, "IM", "<div>echo: hi</div>", ""), &bot()), Decision::Ignore("the bot's own message"));
+        assert_eq!(decide(event(100, "IM", "<div>echo: hi</div>", ""), &bot()), Decision::Ignore("the bot's own message"));
         let mut other = event(7, "IM", "<div>x</div>", "");
         other["type"] = "USERJOINEDROOM".into();
-        assert!(matches!(decide(&other, &bot()), Decision::Ignore(_)));
+        assert!(matches!(decide(other, &bot()), Decision::Ignore(_)));
     }
 }

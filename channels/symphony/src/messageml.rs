@@ -78,8 +78,10 @@ pub fn render(reply: &Reply) -> Vec<String> {
 /// whitespace-separated words, preferring to cut after a line break, else after a space.
 /// Concatenating the parts gives the text back.
 pub fn split(text: &str, max_chars: usize, max_tokens: usize) -> Vec<String> {
-    if text.is_empty() {
-        return vec![String::new()];
+    // Most replies fit in one part: at most `max_chars` bytes (so characters) and at most
+    // `max_tokens` words (so distinct words).
+    if text.len() <= max_chars && text.split_whitespace().nth(max_tokens).is_none() {
+        return vec![text.to_owned()];
     }
     let mut parts = Vec::new();
     let chars: Vec<char> = text.chars().collect();
@@ -181,6 +183,12 @@ mod tests {
             let distinct: HashSet<&str> = p.split_whitespace().collect();
             assert!(distinct.len() <= 10, "{p}");
         }
+
+        // Within both limits: one part, the text as it is (up to the limits exactly).
+        assert_eq!(split("echo: question 1 & more", 40_000, 2_000), ["echo: question 1 & more"]);
+        assert_eq!(split("a b c", 5, 3), ["a b c"]);
+        assert_eq!(split("a b c d", 100, 3).len(), 2);
+        assert_eq!(split("", 10, 10), [""]);
 
         // No whitespace at all: cut at the budget, on character boundaries.
         let long = "é".repeat(25);

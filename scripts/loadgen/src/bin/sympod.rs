@@ -1,6 +1,7 @@
 //! The Symphony benchmark's pod (scripts/bench-symphony): a minimal fake pod + agent + key
 //! manager on plain HTTP, and in the same process a forwarding proxy with Basic proxy
-//! authentication (absolute-form requests, one request per upstream connection; `--proxy-open`
+//! authentication (absolute-form requests over persistent connections to the client and to the
+//! pod, as Squid keeps them; `--proxy-close` closes both after every request, `--proxy-open`
 //! lets unauthenticated requests through too), so that the
 //! bot under test — patchbay or symphony-bdk-python — does exactly the same wire work.
 //!
@@ -8,7 +9,9 @@
 //! `--streams` streams), handed out in batches of up to 100 per read; a batch is dropped once
 //! a read carries its ackId, delivered again otherwise. Every `message/create` whose stream
 //! is one of the event streams counts as a reply. `GET /bench/stats` answers
-//! `{"replies", "events", "first_read_ms", "last_reply_ms"}` (milliseconds since start).
+//! `{"replies", "events", "first_read_ms", "last_reply_ms", "proxy_connections",
+//! "proxy_requests"}` (times in milliseconds since start; the stats request itself goes to
+//! the pod directly, not through the proxy).
 //! Nothing is verified (no JWT checks): this is a load target, the tests have the faithful fake.
 //!
 //! `sympod --events 20000 --streams 100` prints `sympod pod 127.0.0.1:P proxy 127.0.0.1:Q`.
@@ -38,6 +41,10 @@ struct Args {
     /// on plain HTTP (aiohttp uses its `proxy_headers` only for CONNECT).
     #[arg(long)]
     proxy_open: bool,
+    /// One request per connection: the proxy closes the client and the upstream connection
+    /// after every answer (the first version of this benchmark).
+    #[arg(long)]
+    proxy_close: bool,
 }
 
 struct Pod {
@@ -49,6 +56,9 @@ struct Pod {
     events: usize,
     first_read_ms: AtomicU64,
     last_reply_ms: AtomicU64,
+    /// Client connections the proxy accepted, and requests it forwarded.
+    proxy_connections: AtomicU64,
+    proxy_requests: AtomicU64,
 }
 
 fn ms(p: &Pod) -> u64 {
@@ -66,7 +76,8 @@ async fn handle(req: HttpRequest, body: web::Bytes, pod: web::Data<Arc<Pod>>) ->
         ("POST", "/agent/v5/datafeeds") => HttpResponse::Created().json(json!({"id": "bench0000000000000000000000000000_f", "type": "fanout"})),
         ("GET", "/bench/stats") => HttpResponse::Ok().json(json!({
             "replies": pod.replies.load(Ordering::SeqCst), "events": pod.events,
-            "first_read_ms": pod.first_read_ms.load(Ordering::SeqCst), "last_reply_ms": pod.last_reply_ms.load(Ordering::SeqCst)})),
+            "first_read_ms": pod.first_read_ms.load(Ordering::SeqCst), "last_reply_ms": pod.last_reply_ms.load(Ordering::SeqCst),
+            "proxy_connections": pod.proxy_connections.load(Ordering::SeqCst), "proxy_requests": pod.proxy_requests.load(Ordering::SeqCst)})),
         ("POST", p) if p.starts_with("/agent/v5/datafeeds/") && p.ends_with("/read") => {
             let ack_in = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["ackId"].as_str().map(str::to_owned)).unwrap_or_default();
             {
@@ -121,52 +132,216 @@ fn events(n: usize, streams: usize) -> VecDeque<Value> {
         .collect()
 }
 
-/// The proxy: Basic auth, absolute form only (the bench pod is plain HTTP).
-async fn proxy(listener: TcpListener, pod_port: u16, expected: String, open: bool) {
+/// The proxy: Basic auth, absolute form only (the bench pod is plain HTTP). Persistent
+/// connections on both sides, as a corporate proxy such as Squid keeps them by default
+/// (`client_persistent_connections` / `server_persistent_connections`): each client
+/// connection is served request after request over one upstream connection to the pod, until
+/// either side asks to close. `--proxy-close` restores one request per connection.
+async fn proxy(listener: TcpListener, pod: Arc<Pod>, pod_port: u16, expected: String, open: bool, close: bool) {
     loop {
-        let Ok((mut s, _)) = listener.accept().await else { continue };
+        let Ok((s, _)) = listener.accept().await else { continue };
+        let _ = s.set_nodelay(true);
+        pod.proxy_connections.fetch_add(1, Ordering::Relaxed);
         let expected = expected.clone();
+        let pod = pod.clone();
         tokio::spawn(async move {
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 8192];
-            let end = loop {
-                if let Some(e) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break e;
-                }
-                match s.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-                if buf.len() > 65536 {
-                    return;
-                }
-            };
-            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-            let mut lines = head.lines();
-            let first = lines.next().unwrap_or_default().to_owned();
-            let ok = open || head.lines().any(|l| l.split_once(':').is_some_and(|(k, v)| k.trim().eq_ignore_ascii_case("proxy-authorization") && v.trim() == expected));
-            if !ok {
-                let _ = s.write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"bench\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
-                return;
-            }
-            let mut parts = first.split_whitespace();
-            let (method, target, version) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or("HTTP/1.1"));
-            let path = target.strip_prefix("http://").and_then(|t| t.find('/').map(|i| &t[i..])).unwrap_or("/");
-            let mut out = format!("{method} {path} {version}\r\n");
-            for l in lines {
-                let name = l.split(':').next().unwrap_or("").trim().to_ascii_lowercase();
-                if !matches!(name.as_str(), "proxy-authorization" | "proxy-connection" | "connection" | "keep-alive") {
-                    out.push_str(l);
-                    out.push_str("\r\n");
-                }
-            }
-            out.push_str("Connection: close\r\n\r\n");
-            let Ok(mut up) = TcpStream::connect(("127.0.0.1", pod_port)).await else { return };
-            if up.write_all(out.as_bytes()).await.is_err() || up.write_all(&buf[end + 4..]).await.is_err() {
-                return;
-            }
-            let _ = tokio::io::copy_bidirectional(&mut s, &mut up).await;
+            let _ = relay(Side::new(s), &pod, pod_port, &expected, open, close).await;
         });
+    }
+}
+
+/// A socket with what was read from it but not consumed yet.
+struct Side {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Side {
+    fn new(s: TcpStream) -> Side {
+        Side { s, buf: Vec::with_capacity(8192) }
+    }
+
+    /// Reads more; false at the end of the stream.
+    async fn fill(&mut self) -> std::io::Result<bool> {
+        let mut chunk = [0u8; 16384];
+        let n = self.s.read(&mut chunk).await?;
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n > 0)
+    }
+
+    /// A message head (without its blank line), or None when the stream ends first.
+    async fn head(&mut self) -> std::io::Result<Option<String>> {
+        loop {
+            if let Some(e) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..e]).into_owned();
+                self.buf.drain(..e + 4);
+                return Ok(Some(head));
+            }
+            if self.buf.len() > 65536 || !self.fill().await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Moves `n` body bytes to `to`.
+    async fn copy(&mut self, to: &mut TcpStream, mut n: usize) -> std::io::Result<()> {
+        loop {
+            let take = n.min(self.buf.len());
+            to.write_all(&self.buf[..take]).await?;
+            self.buf.drain(..take);
+            n -= take;
+            if n == 0 {
+                return Ok(());
+            }
+            if !self.fill().await? {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
+    /// One CRLF-terminated line, CRLF included.
+    async fn line(&mut self) -> std::io::Result<Vec<u8>> {
+        loop {
+            if let Some(e) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                return Ok(self.buf.drain(..e + 2).collect());
+            }
+            if self.buf.len() > 65536 || !self.fill().await? {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
+    /// Moves a chunked body (chunks, last chunk, trailers) to `to` as it is.
+    async fn copy_chunked(&mut self, to: &mut TcpStream) -> std::io::Result<()> {
+        loop {
+            let size_line = self.line().await?;
+            to.write_all(&size_line).await?;
+            let hex = String::from_utf8_lossy(&size_line);
+            let size = usize::from_str_radix(hex.split(';').next().unwrap_or("").trim(), 16)
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
+            if size == 0 {
+                loop {
+                    let trailer = self.line().await?;
+                    to.write_all(&trailer).await?;
+                    if trailer == b"\r\n" {
+                        return Ok(());
+                    }
+                }
+            }
+            self.copy(to, size + 2).await?;
+        }
+    }
+
+    /// Moves a body framed as `framing` to `to`.
+    async fn body(&mut self, to: &mut TcpStream, framing: Framing) -> std::io::Result<()> {
+        match framing {
+            Framing::Length(n) => self.copy(to, n).await,
+            Framing::Chunked => self.copy_chunked(to).await,
+            Framing::UntilClose => {
+                to.write_all(&self.buf).await?;
+                self.buf.clear();
+                tokio::io::copy(&mut self.s, to).await.map(|_| ())
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Framing {
+    Length(usize),
+    Chunked,
+    UntilClose,
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|l| l.split_once(':').filter(|(k, _)| k.trim().eq_ignore_ascii_case(name)).map(|(_, v)| v.trim()))
+}
+
+fn framing(head: &str, request: bool) -> Framing {
+    if header(head, "transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+        Framing::Chunked
+    } else if let Some(n) = header(head, "content-length").and_then(|v| v.parse().ok()) {
+        Framing::Length(n)
+    } else if request {
+        Framing::Length(0)
+    } else {
+        Framing::UntilClose
+    }
+}
+
+/// Whether the message asks to close the connection after it (HTTP/1.0 without keep-alive).
+fn wants_close(head: &str) -> bool {
+    let version_10 = head.lines().next().is_some_and(|l| l.contains("HTTP/1.0"));
+    let conn = [header(head, "connection"), header(head, "proxy-connection")]
+        .into_iter()
+        .flatten()
+        .map(str::to_ascii_lowercase)
+        .collect::<Vec<_>>();
+    conn.iter().any(|v| v.contains("close")) || (version_10 && !conn.iter().any(|v| v.contains("keep-alive")))
+}
+
+/// The head without hop-by-hop headers, with `first` as its first line and `connection` added.
+fn rewrite(head: &str, first: &str, connection: &str) -> String {
+    let mut out = format!("{first}\r\n");
+    for l in head.lines().skip(1) {
+        let name = l.split(':').next().unwrap_or("").trim().to_ascii_lowercase();
+        if !matches!(name.as_str(), "proxy-authorization" | "proxy-connection" | "connection" | "keep-alive") {
+            out.push_str(l);
+            out.push_str("\r\n");
+        }
+    }
+    out.push_str(connection);
+    out.push_str("\r\n\r\n");
+    out
+}
+
+async fn relay(mut client: Side, pod: &Pod, pod_port: u16, expected: &str, open: bool, close: bool) -> std::io::Result<()> {
+    let mut up: Option<Side> = None;
+    loop {
+        let Some(head) = client.head().await? else { return Ok(()) };
+        let ok = open || header(&head, "proxy-authorization") == Some(expected);
+        if !ok {
+            client.s.write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"bench\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await?;
+            return Ok(());
+        }
+        let mut parts = head.lines().next().unwrap_or_default().split_whitespace();
+        let (method, target, version) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or("HTTP/1.1"));
+        let head_request = method.eq_ignore_ascii_case("HEAD");
+        let path = target.strip_prefix("http://").and_then(|t| t.find('/').map(|i| &t[i..])).unwrap_or("/");
+        let client_close = close || wants_close(&head);
+        let upstream = rewrite(&head, &format!("{method} {path} {version}"), if close { "Connection: close" } else { "Connection: keep-alive" });
+        let req_framing = framing(&head, true);
+        pod.proxy_requests.fetch_add(1, Ordering::Relaxed);
+        let mut u = match up.take() {
+            Some(u) => u,
+            None => {
+                let s = TcpStream::connect(("127.0.0.1", pod_port)).await?;
+                let _ = s.set_nodelay(true);
+                Side::new(s)
+            }
+        };
+        u.s.write_all(upstream.as_bytes()).await?;
+        client.body(&mut u.s, req_framing).await?;
+        let Some(resp) = u.head().await? else { return Ok(()) };
+        let status: u16 = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(502);
+        let resp_framing = if head_request || status == 204 || status == 304 || (100..200).contains(&status) {
+            Framing::Length(0)
+        } else {
+            framing(&resp, false)
+        };
+        let upstream_close = wants_close(&resp) || resp_framing == Framing::UntilClose;
+        let close_after = client_close || resp_framing == Framing::UntilClose;
+        let first = resp.lines().next().unwrap_or_default().to_owned();
+        let back = rewrite(&resp, &first, if close_after { "Connection: close" } else { "Connection: keep-alive" });
+        client.s.write_all(back.as_bytes()).await?;
+        u.body(&mut client.s, resp_framing).await?;
+        if close_after {
+            let _ = client.s.shutdown().await;
+            return Ok(());
+        }
+        if !upstream_close {
+            up = Some(u);
+        }
     }
 }
 
@@ -199,12 +374,14 @@ async fn main() -> std::io::Result<()> {
         events: args.events,
         first_read_ms: AtomicU64::new(0),
         last_reply_ms: AtomicU64::new(0),
+        proxy_connections: AtomicU64::new(0),
+        proxy_requests: AtomicU64::new(0),
     });
     let pod_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let pod_port = pod_listener.local_addr()?.port();
     let proxy_listener = TcpListener::bind("127.0.0.1:0").await?;
     let proxy_port = proxy_listener.local_addr()?.port();
-    tokio::spawn(proxy(proxy_listener, pod_port, basic(&args.proxy_user, &args.proxy_password), args.proxy_open));
+    tokio::spawn(proxy(proxy_listener, pod.clone(), pod_port, basic(&args.proxy_user, &args.proxy_password), args.proxy_open, args.proxy_close));
     println!("sympod pod 127.0.0.1:{pod_port} proxy 127.0.0.1:{proxy_port}");
     let data = web::Data::new(pod);
     HttpServer::new(move || App::new().app_data(data.clone()).app_data(web::PayloadConfig::new(1 << 20)).default_service(web::to(handle)))
