@@ -232,6 +232,28 @@ impl Side {
         }
     }
 
+    /// Sends `head` and then the body framed as `framing` to `to`: a body of known length
+    /// (up to 1 MiB) goes in the same write as the head, as one segment when it fits, as a
+    /// buffering proxy sends it.
+    async fn message(&mut self, to: &mut TcpStream, head: &str, framing: Framing) -> std::io::Result<()> {
+        if let Framing::Length(n) = framing {
+            if n <= 1 << 20 {
+                while self.buf.len() < n {
+                    if !self.fill().await? {
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
+                }
+                let mut out = Vec::with_capacity(head.len() + n);
+                out.extend_from_slice(head.as_bytes());
+                out.extend_from_slice(&self.buf[..n]);
+                self.buf.drain(..n);
+                return to.write_all(&out).await;
+            }
+        }
+        to.write_all(head.as_bytes()).await?;
+        self.body(to, framing).await
+    }
+
     /// Moves a body framed as `framing` to `to`.
     async fn body(&mut self, to: &mut TcpStream, framing: Framing) -> std::io::Result<()> {
         match framing {
@@ -320,8 +342,7 @@ async fn relay(mut client: Side, pod: &Pod, pod_port: u16, expected: &str, open:
                 Side::new(s)
             }
         };
-        u.s.write_all(upstream.as_bytes()).await?;
-        client.body(&mut u.s, req_framing).await?;
+        client.message(&mut u.s, &upstream, req_framing).await?;
         let Some(resp) = u.head().await? else { return Ok(()) };
         let status: u16 = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(502);
         let resp_framing = if head_request || status == 204 || status == 304 || (100..200).contains(&status) {
@@ -333,8 +354,7 @@ async fn relay(mut client: Side, pod: &Pod, pod_port: u16, expected: &str, open:
         let close_after = client_close || resp_framing == Framing::UntilClose;
         let first = resp.lines().next().unwrap_or_default().to_owned();
         let back = rewrite(&resp, &first, if close_after { "Connection: close" } else { "Connection: keep-alive" });
-        client.s.write_all(back.as_bytes()).await?;
-        u.body(&mut client.s, resp_framing).await?;
+        u.message(&mut client.s, &back, resp_framing).await?;
         if close_after {
             let _ = client.s.shutdown().await;
             return Ok(());
