@@ -92,6 +92,7 @@ pub async fn push_replies(
                 payload: serde_json::to_string(&out).unwrap_or_default(),
                 received_at: now,
                 not_before: 0,
+                held_by: None,
             }
         })
         .collect();

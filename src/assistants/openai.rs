@@ -141,10 +141,14 @@ const PRUNE_EVERY_MS: i64 = 3_600_000;
 struct Turn {
     role: String,
     content: String,
+    /// The message the turn belongs to: a message answered again (after a crash or a lost
+    /// lease) does not see its own earlier turns as history.
+    #[serde(default)]
+    id: String,
 }
 
 impl Inner {
-    async fn turns(&self, conversation: &str) -> Result<Vec<Turn>, AssistantError> {
+    async fn turns(&self, conversation: &str, current: &str) -> Result<Vec<Turn>, AssistantError> {
         if self.history_turns == 0 {
             return Ok(Vec::new());
         }
@@ -157,7 +161,8 @@ impl Inner {
         Ok(entries
             .into_iter()
             .filter(|e| e.at >= since)
-            .filter_map(|e| serde_json::from_value(e.body).ok())
+            .filter_map(|e| serde_json::from_value::<Turn>(e.body).ok())
+            .filter(|t| t.id != current)
             .collect())
     }
 
@@ -166,8 +171,8 @@ impl Inner {
             return;
         }
         let conv = &request.conversation.id;
-        let user = Turn { role: "user".into(), content: request.text.clone() };
-        let assistant = Turn { role: "assistant".into(), content: answer.to_owned() };
+        let user = Turn { role: "user".into(), content: request.text.clone(), id: request.id.clone() };
+        let assistant = Turn { role: "assistant".into(), content: answer.to_owned(), id: request.id.clone() };
         for (key, turn) in [(format!("{}:user", request.id), user), (format!("{}:assistant", request.id), assistant)] {
             let body = serde_json::to_value(turn).unwrap_or_default();
             if let Err(e) = self.log.append(&self.log_name, conv, Some(&key), body).await {
@@ -213,7 +218,7 @@ impl Inner {
         request: &AssistantRequest,
         events: &tokio::sync::mpsc::Sender<Result<AssistantEvent, AssistantError>>,
     ) -> Result<String, AssistantError> {
-        let turns = self.turns(&request.conversation.id).await?;
+        let turns = self.turns(&request.conversation.id, &request.id).await?;
         let mut req = self
             .http
             .post(self.url.clone())

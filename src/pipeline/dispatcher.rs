@@ -127,6 +127,7 @@ pub(crate) async fn answer(p: &Pipeline, item: &InboxItem, inbound: Inbound) -> 
         )
         .to_string(),
     };
+    // Aborted however `answer` ends, also when it is dropped (a request that went away).
     let typing = channel.instance.clone().and_then(|instance| {
         let every = instance.typing_interval()?;
         let inbound = inbound.clone();
@@ -138,7 +139,8 @@ pub(crate) async fn answer(p: &Pipeline, item: &InboxItem, inbound: Inbound) -> 
                 tokio::time::sleep(every).await;
             }
         }))
-    });
+    })
+    .map(AbortOnDrop);
     let started = Instant::now();
     let drafts = channel
         .instance
@@ -162,9 +164,7 @@ pub(crate) async fn answer(p: &Pipeline, item: &InboxItem, inbound: Inbound) -> 
         Ok::<_, AssistantError>(replies)
     })
     .await;
-    if let Some(t) = typing {
-        t.abort();
-    }
+    drop(typing);
     p.metrics
         .channel(&item.channel_id)
         .assistant_latency
@@ -210,6 +210,15 @@ fn outbound(item: &InboxItem, inbound: &Inbound, index: usize, reply: Reply) -> 
         reply,
         attempt: 0,
         draft: None,
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -288,10 +297,13 @@ async fn complete(
     draft: Option<String>,
 ) -> Result<Option<InboxItem>, StoreError> {
     // A request still waiting for this answer (Mattermost's inline reply, web chat's
-    // webhook) takes the replies in its response: they are not queued at all. The waiter is
-    // taken here, so the request no longer gives up on its own: it waits for them.
+    // webhook) takes the replies in its response. The waiter is taken here, so the request
+    // no longer gives up on its own: it waits for them. They are committed held by the
+    // request (leased to it), not queued: removed once handed over, delivered by the sender
+    // if the process dies first or the request went away.
     let waiter = p.take_waiter(&item.channel_id, &item.event_id);
     let now = patchbay_channel_core::now_ms();
+    let hold = waiter.as_ref().map(|_| (p.claim(1).owner, now + p.settings.lease.as_millis() as i64));
     let mut rows = Vec::with_capacity(replies.len());
     for (i, reply) in replies.iter().enumerate() {
         let mut out = outbound(item, &inbound, i, reply.clone());
@@ -305,11 +317,10 @@ async fn complete(
             payload: serde_json::to_string(&out).unwrap_or_default(),
             received_at: item.received_at,
             not_before: 0,
+            held_by: hold.clone(),
         });
     }
-    let inline = waiter.is_some();
-    let queued = if inline { Vec::new() } else { std::mem::take(&mut rows) };
-    let any_queued = !queued.is_empty();
+    let any_queued = !rows.is_empty() && hold.is_none();
     let conversation = ConversationRecord {
         id: item.conversation_id.clone(),
         channel_id: item.channel_id.clone(),
@@ -326,7 +337,8 @@ async fn complete(
         _ => None,
     };
     let send = sender.as_ref().map(|(_, _, send_owner, at)| (send_owner.clone(), at.clone()));
-    let (next, sending) = p.store.inbox_complete(item.id, owner, queued, conversation, next, send).await?;
+    let n = rows.len();
+    let (next, sending) = p.store.inbox_complete(item.id, owner, rows, conversation, next, send).await?;
     let any_queued = match (sending, sender) {
         (Some(reply), Some((arc, slot, send_owner, _))) => {
             p.rt.spawn(async move {
@@ -337,18 +349,21 @@ async fn complete(
         }
         _ => any_queued,
     };
-    if let Some(tx) = waiter {
-        let n = replies.len();
-        if tx.send(replies).is_ok() {
+    if let (Some(tx), Some((holder, _))) = (waiter, hold) {
+        let handed = tx.send(replies).is_ok();
+        if handed {
             let m = p.metrics.channel(&item.channel_id);
             m.delivered.fetch_add(n as u64, Ordering::Relaxed);
             m.end_to_end_latency
                 .observe(Duration::from_millis((patchbay_channel_core::now_ms() - item.received_at).max(0) as u64));
-            return Ok(next);
         }
-        // The request went away (its client hung up) after all: deliver through the channel.
-        if !rows.is_empty() {
-            p.store.outbox_put(rows).await?;
+        if n > 0 {
+            // Handed over: the held copies go. Not handed (the client hung up): the sender
+            // delivers them.
+            if let Err(e) = p.store.outbox_unhold(holder, !handed).await {
+                tracing::warn!(channel = %item.channel_id, event = %item.event_id, error = %e,
+                    "held replies stay until their lease ends; the sender then delivers them (again, with the same reply ids)");
+            }
             p.outbox_wake.notify_one();
         }
         return Ok(next);

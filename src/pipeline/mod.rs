@@ -120,24 +120,7 @@ pub fn conversation_id(channel: &str, platform_conversation: &str, thread: Optio
     ConversationId::from_trusted(format!("c_{}", &hex::encode(h.finalize())[..32]))
 }
 
-fn event_hash(channel: &str, event_id: &str) -> String {
-    let mut h = Sha256::new();
-    h.update(channel.as_bytes());
-    h.update([0]);
-    h.update(event_id.as_bytes());
-    hex::encode(h.finalize())[..24].to_owned()
-}
-
-/// The stable id of a message, as its assistant sees it.
-pub fn message_id(channel: &str, event_id: &str) -> String {
-    format!("m_{}", event_hash(channel, event_id))
-}
-
-/// The stable id of the `index`-th reply to a message: the same however often the message is
-/// processed, so a receiver can recognise a repeat.
-pub fn reply_id(channel: &str, event_id: &str, index: usize) -> String {
-    format!("r_{}_{index}", event_hash(channel, event_id))
-}
+pub use patchbay_channel_core::ids::{message_id, reply_id};
 
 impl Pipeline {
     pub fn new(
@@ -290,8 +273,10 @@ impl Pipeline {
     /// claim write and no hand-over to the claim loop before the assistant is asked). Without
     /// a free slot it is queued like any other, so a burst never holds leases while waiting.
     async fn put_and_answer(&self, channel: &ChannelId, inbound: Inbound) -> Result<Accepted, InboxError> {
+        // A paused (disabled) channel's work is held, not answered: it queues.
+        let enabled = self.registry.snapshot().channels.get(channel.as_str()).is_some_and(|c| c.record.enabled);
         let free = match self.me.upgrade() {
-            Some(p) if !self.stop.is_cancelled() => p.dispatch_slots.clone().try_acquire_owned().ok().map(|slot| (p, slot)),
+            Some(p) if enabled && !self.stop.is_cancelled() => p.dispatch_slots.clone().try_acquire_owned().ok().map(|slot| (p, slot)),
             _ => None,
         };
         let Some((p, slot)) = free else {
@@ -374,6 +359,19 @@ impl Inbox for Pipeline {
             received_at: inbound.received_at,
         };
         let deadline = tokio::time::Instant::now() + timeout;
+        // Answers in requests count against the dispatcher's concurrency like queued ones.
+        let _slot = match tokio::time::timeout_at(deadline, self.dispatch_slots.acquire()).await {
+            Ok(Ok(slot)) => Some(slot),
+            Ok(Err(_)) => None,
+            Err(_) => {
+                let why = format!("no capacity to answer within {} ms (pipeline.concurrency is busy)", timeout.as_millis());
+                let record = Self::new_inbox(channel, &inbound)?;
+                if let Err(e) = self.store.dead_letter_put(record, 0, why).await {
+                    tracing::error!(channel = %channel, error = %e, "the dead letter could not be recorded");
+                }
+                return Ok(WaitOutcome::Pending);
+            }
+        };
         let mut item = item;
         let why = loop {
             item.attempts += 1;
@@ -487,8 +485,17 @@ pub(crate) async fn claim_loop<T, C, CF, W, WF>(
             _ = p.stop.cancelled() => return,
             permit = slots.clone().acquire_owned() => match permit { Ok(pm) => pm, Err(_) => return },
         };
-        let free = 1 + slots.available_permits();
-        let c = p.claim(free.min(p.settings.claim_batch));
+        // Every row claimed gets a slot at once: the slots are taken before the claim, so a
+        // claimed row never waits for one while its lease runs (requests that answer their
+        // own message take slots too).
+        let mut permits = vec![first];
+        while permits.len() < p.settings.claim_batch {
+            match slots.clone().try_acquire_owned() {
+                Ok(pm) => permits.push(pm),
+                Err(_) => break,
+            }
+        }
+        let c = p.claim(permits.len());
         let owner = c.owner.clone();
         let limit = c.limit;
         let started = std::time::Instant::now();
@@ -496,7 +503,7 @@ pub(crate) async fn claim_loop<T, C, CF, W, WF>(
             Ok(rows) => rows,
             Err(e) => {
                 tracing::warn!(error = %e, "claiming work failed; retrying");
-                drop(first);
+                drop(permits);
                 tokio::select! {
                     _ = p.stop.cancelled() => return,
                     _ = tokio::time::sleep(p.settings.poll_interval) => {}
@@ -505,25 +512,15 @@ pub(crate) async fn claim_loop<T, C, CF, W, WF>(
             }
         };
         let got = rows.len();
-        let mut first = Some(first);
         for row in rows {
-            let permit = match first.take() {
-                Some(pm) => pm,
-                None => match slots.clone().try_acquire_owned() {
-                    Ok(pm) => pm,
-                    Err(_) => match slots.clone().acquire_owned().await {
-                        Ok(pm) => pm,
-                        Err(_) => return,
-                    },
-                },
-            };
+            let Some(permit) = permits.pop() else { break };
             let fut = work(p.clone(), row, owner.clone());
             tokio::spawn(async move {
                 fut.await;
                 drop(permit);
             });
         }
-        drop(first);
+        drop(permits);
         if got < limit {
             let took = started.elapsed();
             tokio::select! {

@@ -143,8 +143,12 @@ pub struct NewOutbox {
     /// The `OutboundReply` as JSON (its `attempt` is filled in when claimed).
     pub payload: String,
     pub received_at: i64,
-    /// Not to be sent before this time (Unix ms): used to give an inline answer its chance.
+    /// Not to be sent before this time (Unix ms).
     pub not_before: i64,
+    /// Stored already leased to this owner until this time (Unix ms): a reply handed to a
+    /// waiting request, kept until the request has it and delivered by the sender should the
+    /// process die first.
+    pub held_by: Option<(String, i64)>,
 }
 
 #[derive(Clone, Debug)]
@@ -277,6 +281,9 @@ pub trait Store: Send + Sync + 'static {
     async fn outbox_done(&self, id: i64, owner: &str, next: Option<ChainClaim>) -> StoreResult<Option<OutboxItem>>;
     async fn outbox_release(&self, id: i64, owner: &str, next_at: i64, error: &str) -> StoreResult<()>;
     async fn outbox_dead(&self, id: i64, owner: &str, reason: &str) -> StoreResult<()>;
+    /// Removes the replies held by `owner` (delivered another way: in a response), or with
+    /// `deliver`, gives them to the sender instead.
+    async fn outbox_unhold(&self, owner: String, deliver: bool) -> StoreResult<()>;
 
     // Conversations and dead letters.
     async fn conversation(&self, id: &str) -> StoreResult<Option<ConversationRecord>>;

@@ -349,14 +349,23 @@ fn release(conn: &Connection, table: &str, id: i64, owner: &str, next_at: i64, e
 fn insert_outbox(conn: &Connection, replies: &[NewOutbox]) -> StoreResult<usize> {
     let mut stmt = conn
         .prepare_cached(
-            "INSERT OR IGNORE INTO outbox (reply_id, channel_id, conversation_id, payload, received_at, next_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT OR IGNORE INTO outbox (reply_id, channel_id, conversation_id, payload, received_at, next_at, lease_owner, lease_until)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )
         .map_err(db)?;
     let mut n = 0;
     for r in replies {
         n += stmt
-            .execute(params![r.reply_id, r.channel_id, r.conversation_id, r.payload, r.received_at, r.not_before])
+            .execute(params![
+                r.reply_id,
+                r.channel_id,
+                r.conversation_id,
+                r.payload,
+                r.received_at,
+                r.not_before,
+                r.held_by.as_ref().map(|h| h.0.as_str()),
+                r.held_by.as_ref().map_or(0, |h| h.1)
+            ])
             .map_err(db)?;
     }
     Ok(n)
@@ -816,6 +825,18 @@ impl Store for SqliteStore {
                         .optional()
                 })
                 .map_err(db)
+        })
+        .await
+    }
+
+    async fn outbox_unhold(&self, owner: String, deliver: bool) -> StoreResult<()> {
+        self.run(move |c| {
+            let sql = if deliver {
+                "UPDATE outbox SET lease_owner = NULL, lease_until = 0 WHERE lease_owner = ?1"
+            } else {
+                "DELETE FROM outbox WHERE lease_owner = ?1"
+            };
+            c.prepare_cached(sql).and_then(|mut s| s.execute(params![owner])).map(|_| ()).map_err(db)
         })
         .await
     }

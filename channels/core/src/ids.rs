@@ -100,6 +100,27 @@ impl fmt::Display for ConversationId {
 }
 
 /// `len` characters of lowercase base32 from the OS-seeded CSPRNG (5 bits each).
+fn event_hash(channel: &str, event_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(channel.as_bytes());
+    h.update([0]);
+    h.update(event_id.as_bytes());
+    hex::encode(h.finalize())[..24].to_owned()
+}
+
+/// The stable id of a message (channel, platform event id), as its assistant sees it.
+pub fn message_id(channel: &str, event_id: &str) -> String {
+    format!("m_{}", event_hash(channel, event_id))
+}
+
+/// The stable id of the `index`-th reply to a message: the same however often the message is
+/// processed and however it is delivered (in a response or through `Channel::send`), so a
+/// receiver — or a kind's log — can recognise a repeat.
+pub fn reply_id(channel: &str, event_id: &str, index: usize) -> String {
+    format!("r_{}_{index}", event_hash(channel, event_id))
+}
+
 pub fn random_token(len: usize) -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
     let mut rng = rand::thread_rng();

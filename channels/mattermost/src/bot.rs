@@ -101,8 +101,17 @@ impl Channel for WsChannel {
                 // A streamed draft becomes the reply's first part.
                 (Some(draft), 0) => match bot.rest.patch_post(draft, part).await {
                     Ok(()) => Ok(draft.clone()),
-                    // Someone deleted the draft: post the reply anew.
-                    Err(RestError::Permanent(m)) if m.contains("answered 404") => bot.rest.create_post(&channel_id, part, &root_id).await,
+                    // The draft cannot be edited (deleted by someone, edits forbidden or past
+                    // the server's edit time limit): post the reply anew, and remove the cut-off
+                    // draft if it is still there.
+                    Err(RestError::Permanent(m)) => {
+                        tracing::info!(post = %draft, error = %m, "the streamed draft cannot be finished in place; posting the reply anew");
+                        let posted = bot.rest.create_post(&channel_id, part, &root_id).await;
+                        if posted.is_ok() {
+                            let _ = bot.rest.delete_post(draft).await;
+                        }
+                        posted
+                    }
                     Err(e) => Err(e),
                 },
                 _ => bot.rest.create_post(&channel_id, part, &root_id).await,

@@ -344,7 +344,9 @@ async fn webhook(inner: &Inner, ctx: &HookCtx, req: &HttpRequest, bytes: &[u8], 
 
 /// Logs a reply answered inline, so history and sockets know it; answers its frame.
 async fn log_inline(inner: &Inner, user: &str, event_id: &str, index: usize, reply: &Reply) -> Value {
-    let id = format!("{event_id}#{index}");
+    // The id the pipeline gives this reply: should the answer also be delivered through
+    // `send` (a crash right after it was handed over here), it is logged once.
+    let id = patchbay_channel_core::ids::reply_id(inner.channel_id.as_str(), event_id, index);
     let frame = wire::reply_frame(reply, user, &id);
     match inner.log.append(&inner.channel_id, user, Some(&id), frame.clone()).await {
         Ok(seq) => wire::with_seq(frame, seq),

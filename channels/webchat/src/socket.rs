@@ -353,7 +353,10 @@ impl Socket {
         if seq <= self.last_sent {
             return Flow::Continue;
         }
-        self.last_sent = seq;
-        self.send(&frame).await
+        let flow = self.send(&frame).await;
+        if let Flow::Continue = flow {
+            self.last_sent = seq;
+        }
+        flow
     }
 }
