@@ -319,7 +319,8 @@ impl Pipeline {
 #[async_trait]
 impl Inbox for Pipeline {
     async fn accept(&self, channel: &ChannelId, inbound: Inbound) -> Result<Accepted, InboxError> {
-        self.put_and_answer(channel, inbound).await
+        let mut out = self.put(channel, vec![inbound]).await?;
+        Ok(out.pop().unwrap_or(Accepted::Duplicate))
     }
 
     async fn accept_batch(&self, channel: &ChannelId, inbound: Vec<Inbound>) -> Result<Vec<Accepted>, InboxError> {
