@@ -22,6 +22,9 @@ enum Job {
     Close(oneshot::Sender<()>),
 }
 
+/// How often the checkpointer folds the WAL back into the database.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The most jobs one commit takes: bounds the latency a job can add to its neighbours.
 const MAX_GROUP: usize = 2048;
 
@@ -112,6 +115,29 @@ impl SqliteStore {
         ))
         .map_err(db)?;
         migrate(&mut conn)?;
+        // Checkpoints (copying the WAL back into the database, with an fsync) would stall the
+        // writer, and with it every acknowledgement, for milliseconds whenever the WAL passes
+        // 1000 pages. A checkpointer thread of its own does them instead, passively (it never
+        // blocks the writer), every CHECKPOINT_EVERY.
+        conn.execute_batch("PRAGMA wal_autocheckpoint = 0;").map_err(db)?;
+        if path != Path::new(":memory:") {
+            let checkpointer = Connection::open(path).map_err(db)?;
+            checkpointer.execute_batch("PRAGMA busy_timeout = 5000;").map_err(db)?;
+            std::thread::Builder::new()
+                .name("patchbay-sqlite-ckpt".into())
+                .spawn(move || loop {
+                    std::thread::sleep(CHECKPOINT_EVERY);
+                    match checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0)) {
+                        Ok(_) => {}
+                        // The database was closed and removed (tests' temporary directories).
+                        Err(e) => {
+                            tracing::debug!(error = %e, "checkpointer stopped");
+                            return;
+                        }
+                    }
+                })
+                .map_err(db)?;
+        }
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("patchbay-sqlite".into())
