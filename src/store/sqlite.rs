@@ -307,6 +307,15 @@ const CLAIM_OWN_REPLY: &str = "
       AND next_at <= ?4 AND lease_until <= ?4 AND reply_id = ?5
     RETURNING id, reply_id, channel_id, payload, attempts, received_at";
 
+/// Records an event id for dedupe; changes a row only when the event is new (or its entry
+/// expired): the statement's change count says whether the event is fresh.
+const DEDUPE_SQL: &str = "INSERT INTO dedupe (channel_id, event_id, expires_at) VALUES (?1, ?2, ?3)
+     ON CONFLICT (channel_id, event_id) DO UPDATE SET expires_at = excluded.expires_at
+     WHERE dedupe.expires_at < ?4";
+
+const INSERT_INBOX_SQL: &str = "INSERT INTO inbox (channel_id, event_id, conversation_id, payload, received_at)
+     VALUES (?1, ?2, ?3, ?4, ?5)";
+
 const CHAIN_OUTBOX: &str = "
     UPDATE outbox SET lease_owner = ?1, lease_until = ?2, attempts = attempts + 1
     WHERE id = (SELECT min(id) FROM outbox WHERE conversation_id = ?3)
@@ -646,17 +655,10 @@ impl Store for SqliteStore {
     async fn inbox_put(&self, items: Vec<NewInbox>, dedupe_until: i64) -> StoreResult<Vec<Accepted>> {
         self.run(move |c| {
             let mut seen = c
-                .prepare_cached(
-                    "INSERT INTO dedupe (channel_id, event_id, expires_at) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (channel_id, event_id) DO UPDATE SET expires_at = excluded.expires_at
-                     WHERE dedupe.expires_at < ?4",
-                )
+                .prepare_cached(DEDUPE_SQL)
                 .map_err(db)?;
             let mut insert = c
-                .prepare_cached(
-                    "INSERT INTO inbox (channel_id, event_id, conversation_id, payload, received_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )
+                .prepare_cached(INSERT_INBOX_SQL)
                 .map_err(db)?;
             let now = patchbay_channel_core::now_ms();
             let mut out = Vec::with_capacity(items.len());
@@ -704,11 +706,7 @@ impl Store for SqliteStore {
         self.run(move |c| {
             let now = patchbay_channel_core::now_ms();
             let fresh = c
-                .prepare_cached(
-                    "INSERT INTO dedupe (channel_id, event_id, expires_at) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (channel_id, event_id) DO UPDATE SET expires_at = excluded.expires_at
-                     WHERE dedupe.expires_at < ?4",
-                )
+                .prepare_cached(DEDUPE_SQL)
                 .and_then(|mut s| s.execute(params![it.channel_id, it.event_id, dedupe_until, now]))
                 .map_err(db)?
                 > 0;
@@ -720,10 +718,7 @@ impl Store for SqliteStore {
                 .and_then(|mut s| s.exists(params![it.conversation_id]))
                 .map_err(db)?;
             if busy {
-                c.prepare_cached(
-                    "INSERT INTO inbox (channel_id, event_id, conversation_id, payload, received_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )
+                c.prepare_cached(INSERT_INBOX_SQL)
                 .and_then(|mut s| s.execute(params![it.channel_id, it.event_id, it.conversation_id, it.payload, it.received_at]))
                 .map_err(db)?;
                 return Ok(PutClaimed::Queued);
