@@ -3653,7 +3653,10 @@ async fn websocket(req: HttpRequest, mut payload: web::Payload, shared: web::Dat
             }
         }
         shared.ws.lock().unwrap().disconnected(gen);
-        shutdown_fd(fd);
+        // End the response stream, which closes the connection. Not `shutdown_fd`: by now
+        // actix may have closed the fd, and its number may belong to another connection of
+        // this process (a test's request to patchbay).
+        let _ = tx.send(WsOut::Close);
     });
     HttpResponse::SwitchingProtocols()
         .upgrade("websocket")
@@ -3679,8 +3682,12 @@ impl FakeMattermost {
         let mut hub = self.shared.ws.lock().unwrap();
         for s in hub.sessions.iter_mut().filter(|s| s.token == token) {
             if let Some(l) = s.live.take() {
+                // The fd only while the connection is surely open (its stream not ended), and
+                // before the close frame ends it: a closed fd's number may be reused.
+                if !l.tx.is_closed() {
+                    shutdown_fd(l.fd);
+                }
                 let _ = l.tx.send(WsOut::Close);
-                shutdown_fd(l.fd);
             }
         }
         hub.sessions.retain(|s| s.token != token);
@@ -3735,7 +3742,9 @@ impl FakeMattermost {
         let mut hub = self.shared.ws.lock().unwrap();
         for s in &mut hub.sessions {
             if let Some(l) = s.live.take() {
-                shutdown_fd(l.fd);
+                if !l.tx.is_closed() {
+                    shutdown_fd(l.fd);
+                }
             }
         }
     }
