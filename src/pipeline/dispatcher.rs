@@ -288,6 +288,15 @@ impl Drafts {
     }
 }
 
+/// Whether the channel's assistant has an API key, with which it may push replies later.
+fn can_push(p: &Pipeline, channel_id: &str) -> bool {
+    let snap = p.registry.snapshot();
+    snap.channels
+        .get(channel_id)
+        .and_then(|c| snap.assistants.get(&c.record.assistant))
+        .is_none_or(|a| a.record.api_key_hash.is_some())
+}
+
 async fn complete(
     p: &Pipeline,
     item: &InboxItem,
@@ -321,14 +330,18 @@ async fn complete(
         });
     }
     let any_queued = !rows.is_empty() && hold.is_none();
-    let conversation = ConversationRecord {
+    // Only an assistant with an API key can push replies later
+    // (`POST /api/v1/conversations/{id}/replies`), and only then is the conversation's address
+    // needed afterwards: for the others, writing it would be one more random b-tree page per
+    // message.
+    let remember = can_push(p, &item.channel_id).then(|| ConversationRecord {
         id: item.conversation_id.clone(),
         channel_id: item.channel_id.clone(),
         platform_conversation: inbound.platform_conversation,
         thread: inbound.thread,
         route: inbound.route,
         updated_at: now,
-    };
+    });
     let next = p.chain_claim(&item.channel_id);
     // With a sender slot free, the first reply is claimed in the same commit and sent at
     // once, without waiting for the sender's next claim round.
@@ -338,7 +351,7 @@ async fn complete(
     };
     let send = sender.as_ref().map(|(_, _, send_owner, at)| (send_owner.clone(), at.clone()));
     let n = rows.len();
-    let (next, sending) = p.store.inbox_complete(item.id, owner, rows, conversation, next, send).await?;
+    let (next, sending) = p.store.inbox_complete(item.id, owner, rows, item.conversation_id.clone(), remember, next, send).await?;
     let any_queued = match (sending, sender) {
         (Some(reply), Some((arc, slot, send_owner, _))) => {
             p.rt.spawn(async move {

@@ -258,13 +258,15 @@ pub trait Store: Send + Sync + 'static {
     /// under the same owner, so a busy conversation does not wait for a new claim round. With
     /// `send`, it also claims the conversation's first queued reply under `send`'s owner when
     /// that is one of these replies (nothing of the conversation queued before them), so it
-    /// can be sent at once.
+    /// can be sent at once. `remember` records (or refreshes) the conversation, for
+    /// assistants that may push replies to it later.
     async fn inbox_complete(
         &self,
         id: i64,
         owner: &str,
         replies: Vec<NewOutbox>,
-        conversation: ConversationRecord,
+        conversation_id: String,
+        remember: Option<ConversationRecord>,
         next: Option<ChainClaim>,
         send: Option<(String, ChainClaim)>,
     ) -> StoreResult<(Option<InboxItem>, Option<OutboxItem>)>;

@@ -11,7 +11,8 @@ use patchbay_channel_core::Accepted;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
 use std::sync::mpsc;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
 use crate::config::SqliteSynchronous;
@@ -24,6 +25,16 @@ enum Job {
 
 /// How often the checkpointer folds the WAL back into the database.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// WAL pages (4 KiB; 128 MiB) past which the writer finishes a checkpoint itself (see
+/// `writer`). That pause (copying what the checkpointer has not yet, and an fsync: tens of
+/// milliseconds) is taken only under load that never lets up; otherwise the WAL starts over
+/// on its own after the checkpointer's next pass.
+const WAL_RESTART_PAGES: i64 = 32 * 1024;
+
+/// The WAL file is cut back to this size when it restarts (it keeps its largest size
+/// otherwise).
+const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
 /// The most jobs one commit takes: bounds the latency a job can add to its neighbours.
 const MAX_GROUP: usize = 2048;
@@ -102,6 +113,10 @@ fn db<E: std::fmt::Display>(e: E) -> StoreError {
 impl SqliteStore {
     /// Opens (creating the file and its directory) and migrates the database.
     pub fn open(path: &Path, synchronous: SqliteSynchronous) -> StoreResult<SqliteStore> {
+        Self::open_with(path, synchronous, WAL_RESTART_PAGES, true)
+    }
+
+    fn open_with(path: &Path, synchronous: SqliteSynchronous, wal_restart_pages: i64, checkpointer: bool) -> StoreResult<SqliteStore> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| StoreError::Db(format!("cannot create {}: {e}", dir.display())))?;
         }
@@ -119,16 +134,23 @@ impl SqliteStore {
         // writer, and with it every acknowledgement, for milliseconds whenever the WAL passes
         // 1000 pages. A checkpointer thread of its own does them instead, passively (it never
         // blocks the writer), every CHECKPOINT_EVERY.
-        conn.execute_batch("PRAGMA wal_autocheckpoint = 0;").map_err(db)?;
-        if path != Path::new(":memory:") {
+        conn.execute_batch(&format!("PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};"))
+            .map_err(db)?;
+        let wal = Arc::new(AtomicI64::new(0));
+        // SAFETY: the hook's context is the counter, which `writer` keeps alive until after
+        // the connection is dropped; the hook only stores a number.
+        unsafe {
+            rusqlite::ffi::sqlite3_wal_hook(conn.handle(), Some(wal_pages), Arc::as_ptr(&wal) as *mut std::ffi::c_void);
+        }
+        if checkpointer && path != Path::new(":memory:") {
             let checkpointer = Connection::open(path).map_err(db)?;
             checkpointer.execute_batch("PRAGMA busy_timeout = 5000;").map_err(db)?;
             std::thread::Builder::new()
                 .name("patchbay-sqlite-ckpt".into())
                 .spawn(move || loop {
                     std::thread::sleep(CHECKPOINT_EVERY);
-                    match checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0)) {
-                        Ok(_) => {}
+                    match checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                        Ok(()) => {}
                         // The database was closed and removed (tests' temporary directories).
                         Err(e) => {
                             tracing::debug!(error = %e, "checkpointer stopped");
@@ -141,7 +163,7 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("patchbay-sqlite".into())
-            .spawn(move || writer(conn, rx))
+            .spawn(move || writer(conn, rx, wal, wal_restart_pages))
             .map_err(db)?;
         Ok(SqliteStore { tx: Mutex::new(tx) })
     }
@@ -154,7 +176,7 @@ impl SqliteStore {
     {
         let (tx, rx) = oneshot::channel::<StoreResult<T>>();
         let job = Job::Run(Box::new(move |conn: &Connection| -> Done {
-            if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+            if let Err(e) = exec_cached(conn, "SAVEPOINT job") {
                 let msg = e.to_string();
                 return Box::new(move |_| {
                     let _ = tx.send(Err(StoreError::Db(msg)));
@@ -162,13 +184,13 @@ impl SqliteStore {
             }
             match f(conn) {
                 Ok(v) => {
-                    let _ = conn.execute_batch("RELEASE job");
+                    let _ = exec_cached(conn, "RELEASE job");
                     Box::new(move |committed: Result<(), String>| {
                         let _ = tx.send(committed.map(|_| v).map_err(StoreError::Db));
                     })
                 }
                 Err(e) => {
-                    let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
+                    let _ = exec_cached(conn, "ROLLBACK TO job").and_then(|_| exec_cached(conn, "RELEASE job"));
                     Box::new(move |_| {
                         let _ = tx.send(Err(e));
                     })
@@ -178,6 +200,26 @@ impl SqliteStore {
         self.tx.lock().map_err(|_| StoreError::Closed)?.send(job).map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
+}
+
+/// Runs a statement without arguments, prepared once: the transaction statements every job
+/// runs would otherwise be parsed again each time.
+fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+/// SQLite's WAL hook: told the WAL's length in pages after every commit.
+extern "C" fn wal_pages(
+    counter: *mut std::ffi::c_void,
+    _db: *mut rusqlite::ffi::sqlite3,
+    _name: *const std::ffi::c_char,
+    pages: std::ffi::c_int,
+) -> std::ffi::c_int {
+    // SAFETY: the context given to `sqlite3_wal_hook` in `open` is an `AtomicI64` that
+    // outlives the connection.
+    let counter = unsafe { &*(counter as *const AtomicI64) };
+    counter.store(pages as i64, Ordering::Relaxed);
+    rusqlite::ffi::SQLITE_OK
 }
 
 fn migrate(conn: &mut Connection) -> StoreResult<()> {
@@ -197,7 +239,17 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
     Ok(())
 }
 
-fn writer(conn: Connection, rx: mpsc::Receiver<Job>) {
+/// The writer thread: takes every job waiting, runs them in one transaction, commits, then
+/// answers each.
+///
+/// The WAL starts over from its beginning only when a checkpoint has copied *all* of it back
+/// and then a write begins. The checkpointer copies what was there when it started, and under
+/// steady load the writer has always appended more by the time it ends, so the WAL would grow
+/// without bound (hundreds of MB in a minute, every page of it new to the file system). Once
+/// the WAL passes `restart_pages`, the writer checkpoints the rest itself between two
+/// commits, as soon as the checkpointer is between passes, and its next commit starts the
+/// WAL over.
+fn writer(conn: Connection, rx: mpsc::Receiver<Job>, wal: Arc<AtomicI64>, restart_pages: i64) {
     let mut batch: Vec<Box<dyn FnOnce(&Connection) -> Done + Send>> = Vec::with_capacity(MAX_GROUP);
     let mut closing: Option<oneshot::Sender<()>> = None;
     while closing.is_none() {
@@ -217,10 +269,10 @@ fn writer(conn: Connection, rx: mpsc::Receiver<Job>) {
             continue;
         }
         let dones: Vec<Done>;
-        let outcome = match conn.execute_batch("BEGIN IMMEDIATE") {
+        let outcome = match exec_cached(&conn, "BEGIN IMMEDIATE") {
             Ok(()) => {
                 dones = batch.drain(..).map(|f| f(&conn)).collect();
-                conn.execute_batch("COMMIT").map_err(|e| {
+                exec_cached(&conn, "COMMIT").map_err(|e| {
                     let _ = conn.execute_batch("ROLLBACK");
                     e.to_string()
                 })
@@ -240,10 +292,21 @@ fn writer(conn: Connection, rx: mpsc::Receiver<Job>) {
         for done in dones {
             done(outcome.clone());
         }
+        if wal.load(Ordering::Relaxed) >= restart_pages {
+            // Tried again after each commit while the checkpointer holds the lock (that
+            // attempt costs microseconds).
+            let started = std::time::Instant::now();
+            match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(2)?))) {
+                Ok((0, pages)) => tracing::info!(pages, millis = started.elapsed().as_millis() as u64, "the WAL was checkpointed by the writer and starts over"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "checkpoint failed; the WAL keeps growing until one succeeds"),
+            }
+        }
     }
     // Shutting down: fold the WAL back into the database so the files on disk are complete.
     let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
     drop(conn);
+    drop(wal);
     if let Some(done) = closing {
         let _ = done.send(());
     }
@@ -761,7 +824,8 @@ impl Store for SqliteStore {
         id: i64,
         owner: &str,
         replies: Vec<NewOutbox>,
-        conversation: ConversationRecord,
+        conversation_id: String,
+        remember: Option<ConversationRecord>,
         next: Option<ChainClaim>,
         send: Option<(String, ChainClaim)>,
     ) -> StoreResult<(Option<InboxItem>, Option<OutboxItem>)> {
@@ -775,12 +839,14 @@ impl Store for SqliteStore {
                 return Err(StoreError::LeaseLost);
             }
             insert_outbox(c, &replies)?;
-            upsert_conversation(c, &conversation)?;
+            if let Some(conversation) = &remember {
+                upsert_conversation(c, conversation)?;
+            }
             let sending = match (&send, replies.first()) {
                 (Some((send_owner, claim)), Some(first)) => c
                     .prepare_cached(CLAIM_OWN_REPLY)
                     .and_then(|mut s| {
-                        s.query_row(params![send_owner, claim.lease_until, conversation.id, claim.now, first.reply_id], outbox_row)
+                        s.query_row(params![send_owner, claim.lease_until, conversation_id, claim.now, first.reply_id], outbox_row)
                             .optional()
                     })
                     .map_err(db)?,
@@ -790,7 +856,7 @@ impl Store for SqliteStore {
             let next = c
                 .prepare_cached(CHAIN_INBOX)
                 .and_then(|mut s| {
-                    s.query_row(params![owner, next.lease_until, conversation.id, next.now], inbox_row)
+                    s.query_row(params![owner, next.lease_until, conversation_id, next.now], inbox_row)
                         .optional()
                 })
                 .map_err(db)?;
@@ -1176,6 +1242,49 @@ mod tests {
         // The log survives a restart, and migration 2 is not applied twice.
         let store = SqliteStore::open(&path, SqliteSynchronous::Normal).unwrap();
         assert_eq!(store.log_append("web", "u1", None, "{}".into(), 11).await.unwrap(), 7);
+        store.close().await;
+    }
+
+    /// Under writes that never pause, the checkpointer alone never catches up with the WAL
+    /// (each pass ends after more was appended), so it would grow by the full size of
+    /// everything written. The writer finishing the checkpoint is what lets it start over;
+    /// here it is the only one checkpointing, so the bound is exact.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_stays_bounded_under_writes_that_never_pause() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let restart_pages: u64 = 2048;
+        let store = Arc::new(SqliteStore::open_with(&path, SqliteSynchronous::Normal, restart_pages as i64, false).unwrap());
+        let payload = "x".repeat(8 * 1024);
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                let (store, payload) = (store.clone(), payload.clone());
+                tokio::spawn(async move {
+                    for i in 0..5000 {
+                        let item = NewInbox {
+                            channel_id: "c".into(),
+                            event_id: format!("e{w}-{i}"),
+                            conversation_id: format!("conv{w}-{i}"),
+                            payload: payload.clone(),
+                            received_at: 0,
+                        };
+                        store.inbox_put(vec![item], i64::MAX).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap();
+        }
+        // 20,000 rows of 8 KiB: about 170 MB went through the WAL; it passes the restart
+        // point by at most one group commit (up to MAX_GROUP rows).
+        let wal = std::fs::metadata(dir.path().join("t.db-wal")).unwrap().len();
+        assert!(
+            wal < (restart_pages + 3 * MAX_GROUP as u64) * 4096,
+            "the WAL grew to {} MB; it should start over after about {} MB",
+            wal / 1_000_000,
+            restart_pages * 4096 / 1_000_000
+        );
         store.close().await;
     }
 }
