@@ -93,6 +93,9 @@ pub async fn push_replies(
                 received_at: now,
                 not_before: 0,
                 held_by: None,
+                dead_letter: None,
+                attempts: 0,
+                last_error: None,
             }
         })
         .collect();

@@ -1,6 +1,7 @@
 //! The dispatcher: claims inbox rows, asks the channel's assistant, and commits the replies
 //! to the outbox in the same transaction that removes the message.
 
+use super::sender::Attempt;
 use super::{claim_loop, conversation_id, message_id, reply_id, Pipeline};
 use crate::assistants::{AssistantError, AssistantEvent, AssistantRequest, ChannelRef, ConversationRef};
 use crate::store::{ConversationRecord, InboxItem, NewOutbox, StoreError};
@@ -43,6 +44,7 @@ pub(crate) async fn process(p: Arc<Pipeline>, item: InboxItem, owner: String) {
 }
 
 async fn process_one(p: &Arc<Pipeline>, item: InboxItem, owner: &str) -> Option<InboxItem> {
+    let claimed_at = Instant::now();
     let owner = owner.to_owned();
     let outcome = match serde_json::from_str::<Inbound>(&item.payload) {
         Ok(inbound) => answer(p, &item, inbound).await,
@@ -50,7 +52,7 @@ async fn process_one(p: &Arc<Pipeline>, item: InboxItem, owner: &str) -> Option<
     };
     let m = p.metrics.channel(&item.channel_id);
     let result = match outcome {
-        Ok((inbound, replies, draft)) => complete(p, &item, &owner, inbound, replies, draft).await,
+        Ok((inbound, replies, draft)) => complete(p, &item, &owner, claimed_at, inbound, replies, draft).await,
         Err(Failure::Retry { message, retry_after }) if item.attempts < p.settings.max_attempts => {
             m.retried.fetch_add(1, Ordering::Relaxed);
             let delay = p.settings.backoff.delay_honouring(item.attempts, retry_after);
@@ -297,10 +299,66 @@ fn can_push(p: &Pipeline, channel_id: &str) -> bool {
         .is_none_or(|a| a.record.api_key_hash.is_some())
 }
 
+/// What becomes of the first reply that was not sent at once.
+enum SendAtOnce {
+    /// Not tried: queued for the sender.
+    Queue,
+    /// Tried and worth trying again: queued for the sender, not before this time (Unix ms).
+    Retry { not_before: i64, error: String },
+    /// Tried and failed for good: recorded as a dead letter with this reason.
+    Dead(String),
+}
+
+/// Sends an answer's replies at once, before its completion is committed, when that keeps
+/// every promise the outbox makes: the conversation has no earlier replies waiting (order),
+/// the channel is enabled, a sender slot is free (concurrency), and the message's lease has
+/// time left (the message is still in the inbox meanwhile, so a crash before the commit has
+/// it answered again, as a crash between sending and recording a queued reply has that
+/// reply sent again). Answers how many went out, in order, and what becomes of the next
+/// one: worth retrying, it and the rest are queued for the sender like any reply (this
+/// attempt counting as its first); failed for good, it is dead-lettered and the rest are
+/// queued.
+async fn send_at_once(p: &Pipeline, item: &InboxItem, outs: &mut [OutboundReply], claimed_at: Instant) -> (usize, SendAtOnce) {
+    let queue = SendAtOnce::Queue;
+    if outs.is_empty() || item.replies_queued || claimed_at.elapsed() > p.settings.lease / 2 || p.chain_claim(&item.channel_id).is_none() {
+        return (0, queue);
+    }
+    let Ok(_slot) = p.send_slots.clone().try_acquire_owned() else {
+        return (0, queue);
+    };
+    let m = p.metrics.channel(&item.channel_id);
+    for (sent, out) in outs.iter_mut().enumerate() {
+        out.attempt = 1;
+        match super::sender::attempt(p, out, 1, item.received_at).await {
+            Attempt::Delivered => {}
+            Attempt::Retry { message, .. } if p.settings.max_attempts <= 1 => {
+                m.failed.fetch_add(1, Ordering::Relaxed);
+                let reason = format!("gave up after 1 attempts: {message}");
+                tracing::error!(channel = %item.channel_id, reply = %out.reply_id, %reason, "reply dead-lettered");
+                return (sent, SendAtOnce::Dead(reason));
+            }
+            Attempt::Retry { delay, message } => {
+                m.retried.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(channel = %item.channel_id, reply = %out.reply_id, attempt = 1,
+                    retry_in_ms = delay.as_millis() as u64, error = %message, "delivery failed; will retry");
+                let not_before = patchbay_channel_core::now_ms() + delay.as_millis() as i64;
+                return (sent, SendAtOnce::Retry { not_before, error: message });
+            }
+            Attempt::Permanent(reason) => {
+                m.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(channel = %item.channel_id, reply = %out.reply_id, %reason, "reply dead-lettered");
+                return (sent, SendAtOnce::Dead(reason));
+            }
+        }
+    }
+    (outs.len(), queue)
+}
+
 async fn complete(
     p: &Pipeline,
     item: &InboxItem,
     owner: &str,
+    claimed_at: Instant,
     inbound: Inbound,
     replies: Vec<Reply>,
     draft: Option<String>,
@@ -313,23 +371,49 @@ async fn complete(
     let waiter = p.take_waiter(&item.channel_id, &item.event_id);
     let now = patchbay_channel_core::now_ms();
     let hold = waiter.as_ref().map(|_| (p.claim(1).owner, now + p.settings.lease.as_millis() as i64));
-    let mut rows = Vec::with_capacity(replies.len());
-    for (i, reply) in replies.iter().enumerate() {
-        let mut out = outbound(item, &inbound, i, reply.clone());
-        if i == 0 {
-            out.draft = draft.clone();
-        }
-        rows.push(NewOutbox {
+    let mut outs: Vec<OutboundReply> = replies
+        .iter()
+        .enumerate()
+        .map(|(i, reply)| {
+            let mut out = outbound(item, &inbound, i, reply.clone());
+            if i == 0 {
+                out.draft = draft.clone();
+            }
+            out
+        })
+        .collect();
+    let mut first = SendAtOnce::Queue;
+    if hold.is_none() {
+        let sent;
+        (sent, first) = send_at_once(p, item, &mut outs, claimed_at).await;
+        outs.drain(..sent);
+    }
+    let rows: Vec<NewOutbox> = outs
+        .iter()
+        .enumerate()
+        .map(|(i, out)| NewOutbox {
             reply_id: out.reply_id.clone(),
             channel_id: item.channel_id.clone(),
             conversation_id: item.conversation_id.clone(),
-            payload: serde_json::to_string(&out).unwrap_or_default(),
+            payload: serde_json::to_string(out).unwrap_or_default(),
             received_at: item.received_at,
-            not_before: 0,
+            not_before: match &first {
+                SendAtOnce::Retry { not_before, .. } if i == 0 => *not_before,
+                _ => 0,
+            },
             held_by: hold.clone(),
-        });
-    }
-    let any_queued = !rows.is_empty() && hold.is_none();
+            attempts: u32::from(i == 0 && !matches!(first, SendAtOnce::Queue)),
+            last_error: match &first {
+                SendAtOnce::Retry { error, .. } if i == 0 => Some(error.clone()),
+                _ => None,
+            },
+            dead_letter: match &first {
+                SendAtOnce::Dead(reason) if i == 0 => Some(reason.clone()),
+                _ => None,
+            },
+        })
+        .collect();
+    let any_queued = rows.iter().any(|r| r.dead_letter.is_none()) && hold.is_none();
     // Only an assistant with an API key can push replies later
     // (`POST /api/v1/conversations/{id}/replies`), and only then is the conversation's address
     // needed afterwards: for the others, writing it would be one more random b-tree page per

@@ -319,8 +319,7 @@ impl Pipeline {
 #[async_trait]
 impl Inbox for Pipeline {
     async fn accept(&self, channel: &ChannelId, inbound: Inbound) -> Result<Accepted, InboxError> {
-        let mut out = self.put(channel, vec![inbound]).await?;
-        Ok(out.pop().unwrap_or(Accepted::Duplicate))
+        self.put_and_answer(channel, inbound).await
     }
 
     async fn accept_batch(&self, channel: &ChannelId, inbound: Vec<Inbound>) -> Result<Vec<Accepted>, InboxError> {
@@ -358,6 +357,7 @@ impl Inbox for Pipeline {
             payload: String::new(),
             attempts: 0,
             received_at: inbound.received_at,
+            replies_queued: false,
         };
         let deadline = tokio::time::Instant::now() + timeout;
         // Answers in requests count against the dispatcher's concurrency like queued ones.

@@ -34,6 +34,67 @@ pub(crate) async fn deliver(p: Arc<Pipeline>, item: OutboxItem, owner: String) {
     p.outbox_wake.notify_one();
 }
 
+/// What one attempt to send a reply came to.
+pub(crate) enum Attempt {
+    Delivered,
+    /// Worth trying again after the delay (the platform's Retry-After where it gave one).
+    Retry { delay: Duration, message: String },
+    Permanent(String),
+}
+
+/// Sends one reply through its channel's kind and says what came of it, keeping the
+/// channel's metrics and status; the caller records the outcome in the store. `attempts`
+/// counts this one.
+pub(crate) async fn attempt(p: &Pipeline, reply: &OutboundReply, attempts: u32, received_at: i64) -> Attempt {
+    let m = p.metrics.channel(reply.channel_id.as_str());
+    let snap = p.registry.snapshot();
+    let entry = snap.channels.get(reply.channel_id.as_str());
+    let result = match entry.map(|e| (e, e.instance.as_ref())) {
+        None => Err(SendError::Permanent("the channel was deleted".into())),
+        Some((e, None)) => Err(SendError::retryable(format!(
+            "the channel cannot be built: {}",
+            e.build_error.clone().unwrap_or_default()
+        ))),
+        Some((_, Some(instance))) => instance.send(reply).await,
+    };
+    let status = entry.map(|e| &e.status);
+    match result {
+        Ok(_) => {
+            m.delivered.fetch_add(1, Ordering::Relaxed);
+            m.end_to_end_latency
+                .observe(Duration::from_millis((patchbay_channel_core::now_ms() - received_at).max(0) as u64));
+            if let Some(s) = status {
+                if s.snapshot().state == ChannelState::Failed {
+                    s.set_state(ChannelState::Ready);
+                }
+            }
+            Attempt::Delivered
+        }
+        Err(e) => {
+            let outcome = match e {
+                SendError::Permanent(message) => Attempt::Permanent(message),
+                SendError::Retryable { message, retry_after } => Attempt::Retry {
+                    delay: p.settings.backoff.delay_honouring(attempts, retry_after),
+                    message,
+                },
+                SendError::Unauthorized(message) => {
+                    if let Some(s) = status {
+                        s.failed(format!("{message} — the platform rejected the channel's credentials; update them and the queued replies will go out"));
+                    }
+                    Attempt::Retry {
+                        delay: p.settings.backoff.delay(attempts).max(UNAUTHORIZED_RETRY),
+                        message,
+                    }
+                }
+            };
+            if let (Some(s), Attempt::Retry { message, .. } | Attempt::Permanent(message)) = (status, &outcome) {
+                s.error(format!("delivery failed: {message}"));
+            }
+            outcome
+        }
+    }
+}
+
 async fn deliver_one(p: &Arc<Pipeline>, item: OutboxItem, owner: &str) -> Option<OutboxItem> {
     let owner = owner.to_owned();
     let m = p.metrics.channel(&item.channel_id);
@@ -46,71 +107,21 @@ async fn deliver_one(p: &Arc<Pipeline>, item: OutboxItem, owner: &str) -> Option
         }
     };
     reply.attempt = item.attempts;
-    let snap = p.registry.snapshot();
-    let entry = snap.channels.get(&item.channel_id).cloned();
-    let result = match entry.as_ref().map(|e| (e, e.instance.clone())) {
-        None => Err(SendError::Permanent("the channel was deleted".into())),
-        Some((e, None)) => Err(SendError::retryable(format!(
-            "the channel cannot be built: {}",
-            e.build_error.clone().unwrap_or_default()
-        ))),
-        Some((_, Some(instance))) => instance.send(&reply).await,
-    };
-    let status = entry.as_ref().map(|e| e.status.clone());
-    let outcome = match result {
-        Ok(_) => {
-            m.delivered.fetch_add(1, Ordering::Relaxed);
-            m.end_to_end_latency
-                .observe(Duration::from_millis((now() - item.received_at).max(0) as u64));
-            if let Some(s) = &status {
-                if s.snapshot().state == ChannelState::Failed {
-                    s.set_state(ChannelState::Ready);
-                }
-            }
-            p.store.outbox_done(item.id, &owner, p.chain_claim(&item.channel_id)).await
+    let outcome = match attempt(p, &reply, item.attempts, item.received_at).await {
+        Attempt::Delivered => p.store.outbox_done(item.id, &owner, p.chain_claim(&item.channel_id)).await,
+        Attempt::Retry { delay, message } if item.attempts < p.settings.max_attempts => {
+            m.retried.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(channel = %item.channel_id, reply = %item.reply_id, attempt = item.attempts,
+                retry_in_ms = delay.as_millis() as u64, error = %message, "delivery failed; will retry");
+            p.store
+                .outbox_release(item.id, &owner, now() + delay.as_millis() as i64, &message)
+                .await
+                .map(|_| None)
         }
-        Err(e) => {
-            let (retry_at, message) = match &e {
-                SendError::Permanent(msg) => (None, msg.clone()),
-                SendError::Retryable { message, retry_after } => (
-                    Some(p.settings.backoff.delay_honouring(item.attempts, *retry_after)),
-                    message.clone(),
-                ),
-                SendError::Unauthorized(msg) => {
-                    if let Some(s) = &status {
-                        s.failed(format!("{msg} — the platform rejected the channel's credentials; update them and the queued replies will go out"));
-                    }
-                    (
-                        Some(p.settings.backoff.delay(item.attempts).max(UNAUTHORIZED_RETRY)),
-                        msg.clone(),
-                    )
-                }
-            };
-            if let Some(s) = &status {
-                s.error(format!("delivery failed: {message}"));
-            }
-            match retry_at {
-                Some(delay) if item.attempts < p.settings.max_attempts => {
-                    m.retried.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(channel = %item.channel_id, reply = %item.reply_id, attempt = item.attempts,
-                        retry_in_ms = delay.as_millis() as u64, error = %message, "delivery failed; will retry");
-                    p.store
-                        .outbox_release(item.id, &owner, now() + delay.as_millis() as i64, &message)
-                        .await
-                        .map(|_| None)
-                }
-                _ => {
-                    m.failed.fetch_add(1, Ordering::Relaxed);
-                    let reason = if retry_at.is_some() {
-                        format!("gave up after {} attempts: {message}", item.attempts)
-                    } else {
-                        message
-                    };
-                    tracing::error!(channel = %item.channel_id, reply = %item.reply_id, %reason, "reply dead-lettered");
-                    p.store.outbox_dead(item.id, &owner, &reason).await.map(|_| None)
-                }
-            }
+        Attempt::Retry { message, .. } => {
+            dead(p, &item, &owner, format!("gave up after {} attempts: {message}", item.attempts)).await
         }
+        Attempt::Permanent(reason) => dead(p, &item, &owner, reason).await,
     };
     match outcome {
         Ok(next) => next,
@@ -124,4 +135,10 @@ async fn deliver_one(p: &Arc<Pipeline>, item: OutboxItem, owner: &str) -> Option
             None
         }
     }
+}
+
+async fn dead(p: &Pipeline, item: &OutboxItem, owner: &str, reason: String) -> Result<Option<OutboxItem>, StoreError> {
+    p.metrics.channel(&item.channel_id).failed.fetch_add(1, Ordering::Relaxed);
+    tracing::error!(channel = %item.channel_id, reply = %item.reply_id, %reason, "reply dead-lettered");
+    p.store.outbox_dead(item.id, owner, &reason).await.map(|_| None)
 }

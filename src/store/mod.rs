@@ -132,6 +132,9 @@ pub struct InboxItem {
     pub payload: String,
     pub attempts: u32,
     pub received_at: i64,
+    /// Whether replies of this conversation were waiting in the outbox when the message was
+    /// claimed: its answer must then queue behind them rather than be sent at once.
+    pub replies_queued: bool,
 }
 
 /// A reply to put in the outbox.
@@ -149,6 +152,13 @@ pub struct NewOutbox {
     /// waiting request, kept until the request has it and delivered by the sender should the
     /// process die first.
     pub held_by: Option<(String, i64)>,
+    /// Attempts already made (a reply tried at once, before it was queued), and the last
+    /// one's error.
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    /// Already tried and failed for good: recorded as a dead letter with this reason, not
+    /// queued.
+    pub dead_letter: Option<String>,
 }
 
 #[derive(Clone, Debug)]

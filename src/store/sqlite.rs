@@ -342,7 +342,8 @@ const CLAIM_INBOX: &str = "
             ORDER BY id LIMIT ?6) a
         WHERE NOT EXISTS (SELECT 1 FROM inbox b WHERE b.conversation_id = a.conversation_id AND b.id < a.id)
         LIMIT ?5)
-    RETURNING id, channel_id, event_id, conversation_id, payload, attempts, received_at";
+    RETURNING id, channel_id, event_id, conversation_id, payload, attempts, received_at,
+      EXISTS (SELECT 1 FROM outbox o WHERE o.conversation_id = inbox.conversation_id)";
 
 const CLAIM_OUTBOX: &str = "
     UPDATE outbox SET lease_owner = ?1, lease_until = ?2, attempts = attempts + 1
@@ -360,7 +361,8 @@ const CHAIN_INBOX: &str = "
     UPDATE inbox SET lease_owner = ?1, lease_until = ?2, attempts = attempts + 1
     WHERE id = (SELECT min(id) FROM inbox WHERE conversation_id = ?3)
       AND next_at <= ?4 AND lease_until <= ?4
-    RETURNING id, channel_id, event_id, conversation_id, payload, attempts, received_at";
+    RETURNING id, channel_id, event_id, conversation_id, payload, attempts, received_at,
+      EXISTS (SELECT 1 FROM outbox o WHERE o.conversation_id = inbox.conversation_id)";
 
 /// Claims a conversation's first queued reply when it is the given one (just queued by the
 /// same commit, nothing of the conversation waiting before it).
@@ -394,6 +396,7 @@ fn inbox_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InboxItem> {
         payload: r.get(4)?,
         attempts: r.get(5)?,
         received_at: r.get(6)?,
+        replies_queued: r.get(7)?,
     })
 }
 
@@ -447,12 +450,32 @@ fn release(conn: &Connection, table: &str, id: i64, owner: &str, next_at: i64, e
 fn insert_outbox(conn: &Connection, replies: &[NewOutbox]) -> StoreResult<usize> {
     let mut stmt = conn
         .prepare_cached(
-            "INSERT OR IGNORE INTO outbox (reply_id, channel_id, conversation_id, payload, received_at, next_at, lease_owner, lease_until)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT OR IGNORE INTO outbox (reply_id, channel_id, conversation_id, payload, received_at, next_at, lease_owner, lease_until, attempts, last_error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )
         .map_err(db)?;
     let mut n = 0;
     for r in replies {
+        if let Some(reason) = &r.dead_letter {
+            conn.prepare_cached(
+                "INSERT INTO dead_letters (queue, channel_id, conversation_id, key, payload, reason, attempts, received_at, failed_at)
+                 VALUES ('outbox', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    r.channel_id,
+                    r.conversation_id,
+                    r.reply_id,
+                    r.payload,
+                    reason,
+                    r.attempts,
+                    r.received_at,
+                    patchbay_channel_core::now_ms()
+                ])
+            })
+            .map_err(db)?;
+            continue;
+        }
         n += stmt
             .execute(params![
                 r.reply_id,
@@ -462,7 +485,9 @@ fn insert_outbox(conn: &Connection, replies: &[NewOutbox]) -> StoreResult<usize>
                 r.received_at,
                 r.not_before,
                 r.held_by.as_ref().map(|h| h.0.as_str()),
-                r.held_by.as_ref().map_or(0, |h| h.1)
+                r.held_by.as_ref().map_or(0, |h| h.1),
+                r.attempts,
+                r.last_error
             ])
             .map_err(db)?;
     }
@@ -789,7 +814,8 @@ impl Store for SqliteStore {
             c.prepare_cached(
                 "INSERT INTO inbox (channel_id, event_id, conversation_id, payload, received_at, lease_owner, lease_until, attempts)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1)
-                 RETURNING id, channel_id, event_id, conversation_id, payload, attempts, received_at",
+                 RETURNING id, channel_id, event_id, conversation_id, payload, attempts, received_at,
+      EXISTS (SELECT 1 FROM outbox o WHERE o.conversation_id = inbox.conversation_id)",
             )
             .and_then(|mut s| {
                 s.query_row(
@@ -842,7 +868,7 @@ impl Store for SqliteStore {
             if let Some(conversation) = &remember {
                 upsert_conversation(c, conversation)?;
             }
-            let sending = match (&send, replies.first()) {
+            let sending = match (&send, replies.iter().find(|r| r.dead_letter.is_none())) {
                 (Some((send_owner, claim)), Some(first)) => c
                     .prepare_cached(CLAIM_OWN_REPLY)
                     .and_then(|mut s| {
