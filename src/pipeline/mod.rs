@@ -16,7 +16,7 @@ pub mod sender;
 
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::store::{ChainClaim, Claim, InboxItem, NewInbox, PutClaimed, Store};
+use crate::store::{ChainClaim, Claim, InboxItem, NewInbox, PutClaim, Store};
 use async_trait::async_trait;
 use patchbay_channel_core::{
     backoff::Backoff, Accepted, ChannelId, ConversationId, Inbound, Inbox, InboxError, Reply, WaitOutcome,
@@ -253,73 +253,63 @@ impl Pipeline {
         m.ack_latency.observe(started.elapsed());
     }
 
+    /// Stores messages in one commit and, as far as dispatcher slots are free, claims them in
+    /// it too and has each answered at once by a task of its own: no claim write and no
+    /// hand-over to the claim loop before the assistant is asked. The rest (no free slot, or
+    /// their conversation has a message before them) wait for the dispatcher's claims, so a
+    /// burst never holds leases while waiting.
     async fn put(&self, channel: &ChannelId, inbound: Vec<Inbound>) -> Result<Vec<Accepted>, InboxError> {
         let started = Instant::now();
-        let now = patchbay_channel_core::now_ms();
         let items = inbound.iter().map(|i| Self::new_inbox(channel, i)).collect::<Result<Vec<_>, InboxError>>()?;
-        let dedupe_until = now + self.settings.dedupe_window.as_millis() as i64;
         let received = items.len();
-        let accepted = self.store.inbox_put(items, dedupe_until).await.map_err(|e| Self::unavailable(channel, e))?;
-        let new = accepted.iter().filter(|a| **a == Accepted::New).count();
-        self.counted(channel, received, new, started);
-        if new > 0 {
-            self.inbox_wake.notify_one();
-        }
-        Ok(accepted)
-    }
-
-    /// Stores a message and, when a dispatcher slot is free and its conversation has nothing
-    /// else queued, has it answered at once by a task of its own (stored already claimed: no
-    /// claim write and no hand-over to the claim loop before the assistant is asked). Without
-    /// a free slot it is queued like any other, so a burst never holds leases while waiting.
-    async fn put_and_answer(&self, channel: &ChannelId, inbound: Inbound) -> Result<Accepted, InboxError> {
         // A paused (disabled) channel's work is held, not answered: it queues.
         let enabled = self.registry.snapshot().channels.get(channel.as_str()).is_some_and(|c| c.record.enabled);
-        let free = match self.me.upgrade() {
-            Some(p) if enabled && !self.stop.is_cancelled() => p.dispatch_slots.clone().try_acquire_owned().ok().map(|slot| (p, slot)),
-            _ => None,
-        };
-        let Some((p, slot)) = free else {
-            let mut out = self.put(channel, vec![inbound]).await?;
-            return Ok(out.pop().unwrap_or(Accepted::Duplicate));
-        };
-        let started = Instant::now();
-        let item = Self::new_inbox(channel, &inbound)?;
-        let claim = self.claim(1);
+        let mut slots = Vec::new();
+        let me = self.me.upgrade().filter(|_| enabled && !self.stop.is_cancelled());
+        if let Some(p) = &me {
+            while slots.len() < received {
+                let Ok(slot) = p.dispatch_slots.clone().try_acquire_owned() else { break };
+                slots.push(slot);
+            }
+        }
+        let claim = self.claim(slots.len());
         let dedupe_until = claim.now + self.settings.dedupe_window.as_millis() as i64;
-        let put = self
+        let put_claim = (!slots.is_empty()).then(|| PutClaim {
+            owner: claim.owner.clone(),
+            lease_until: claim.lease_until,
+            limit: slots.len(),
+        });
+        let (accepted, claimed) = self
             .store
-            .inbox_put_claimed(item, dedupe_until, claim.owner.clone(), claim.lease_until)
+            .inbox_put(items, dedupe_until, put_claim)
             .await
             .map_err(|e| Self::unavailable(channel, e))?;
-        match put {
-            PutClaimed::Duplicate => {
-                self.counted(channel, 1, 0, started);
-                Ok(Accepted::Duplicate)
-            }
-            PutClaimed::Queued => {
-                self.counted(channel, 1, 1, started);
-                self.inbox_wake.notify_one();
-                Ok(Accepted::New)
-            }
-            PutClaimed::Claimed(item) => {
-                self.counted(channel, 1, 1, started);
+        let new = accepted.iter().filter(|a| **a == Accepted::New).count();
+        self.counted(channel, received, new, started);
+        if new > claimed.len() {
+            self.inbox_wake.notify_one();
+        }
+        if let Some(p) = me {
+            // Slots not used are released here, when `slots` goes.
+            for (item, slot) in claimed.into_iter().zip(slots) {
+                let (p, owner) = (p.clone(), claim.owner.clone());
                 self.rt.spawn(async move {
                     // The slot counts against the dispatcher's concurrency, and a graceful
                     // shutdown waits for it like for the dispatcher's own work.
                     let _slot = slot;
-                    dispatcher::process(p, item, claim.owner).await;
+                    dispatcher::process(p, item, owner).await;
                 });
-                Ok(Accepted::New)
             }
         }
+        Ok(accepted)
     }
 }
 
 #[async_trait]
 impl Inbox for Pipeline {
     async fn accept(&self, channel: &ChannelId, inbound: Inbound) -> Result<Accepted, InboxError> {
-        self.put_and_answer(channel, inbound).await
+        let mut out = self.put(channel, vec![inbound]).await?;
+        Ok(out.pop().unwrap_or(Accepted::Duplicate))
     }
 
     async fn accept_batch(&self, channel: &ChannelId, inbound: Vec<Inbound>) -> Result<Vec<Accepted>, InboxError> {
@@ -420,8 +410,8 @@ impl Inbox for Pipeline {
         let key = (channel.as_str().to_owned(), inbound.event_id.clone());
         let (tx, rx) = oneshot::channel();
         self.waiters.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), tx);
-        let accepted = match self.put_and_answer(channel, inbound).await {
-            Ok(a) => a,
+        let accepted = match self.put(channel, vec![inbound]).await {
+            Ok(mut a) => a.pop().unwrap_or(Accepted::Duplicate),
             Err(e) => {
                 self.forget_waiter(&key);
                 return Err(e);

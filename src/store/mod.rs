@@ -114,15 +114,6 @@ pub struct NewInbox {
     pub received_at: i64,
 }
 
-/// What [`Store::inbox_put_claimed`] did.
-#[derive(Clone, Debug)]
-pub enum PutClaimed {
-    Duplicate,
-    /// Stored unclaimed behind an earlier message of its conversation.
-    Queued,
-    Claimed(InboxItem),
-}
-
 #[derive(Clone, Debug)]
 pub struct InboxItem {
     pub id: i64,
@@ -135,6 +126,14 @@ pub struct InboxItem {
     /// Whether replies of this conversation were waiting in the outbox when the message was
     /// claimed: its answer must then queue behind them rather than be sent at once.
     pub replies_queued: bool,
+}
+
+/// Claims some of the messages an [`Store::inbox_put`] stores, in the same commit.
+#[derive(Clone, Debug)]
+pub struct PutClaim {
+    pub owner: String,
+    pub lease_until: i64,
+    pub limit: usize,
 }
 
 /// A reply to put in the outbox.
@@ -255,14 +254,11 @@ pub trait Store: Send + Sync + 'static {
 
     // Inbox.
     /// Stores new messages in one commit, dropping those whose (channel, event id) was seen
-    /// within the dedupe window (`dedupe_until` is when this sighting expires).
-    async fn inbox_put(&self, items: Vec<NewInbox>, dedupe_until: i64) -> StoreResult<Vec<Accepted>>;
+    /// within the dedupe window (`dedupe_until` is when this sighting expires). With `claim`,
+    /// the same commit claims up to `claim.limit` of the new ones whose conversation has
+    /// nothing else in the inbox (the others are answered in their turn).
+    async fn inbox_put(&self, items: Vec<NewInbox>, dedupe_until: i64, claim: Option<PutClaim>) -> StoreResult<(Vec<Accepted>, Vec<InboxItem>)>;
     async fn inbox_claim(&self, claim: Claim) -> StoreResult<Vec<InboxItem>>;
-    /// Stores one message already claimed by `owner` until `lease_until`, for a request that
-    /// has it answered at once (an inline reply) — unless it is a duplicate, or a message of
-    /// its conversation is already in the inbox: then it is stored unclaimed, to be answered
-    /// in its turn.
-    async fn inbox_put_claimed(&self, item: NewInbox, dedupe_until: i64, owner: String, lease_until: i64) -> StoreResult<PutClaimed>;
     /// Removes the answered message and queues its replies, atomically. With `next`, the
     /// same commit claims the next message of the conversation (when it is due and free)
     /// under the same owner, so a busy conversation does not wait for a new claim round. With

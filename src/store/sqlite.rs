@@ -494,6 +494,36 @@ fn insert_outbox(conn: &Connection, replies: &[NewOutbox]) -> StoreResult<usize>
     Ok(n)
 }
 
+/// Inserts a new message claimed by `owner` and answers it, unless its conversation has
+/// another message in the inbox (in flight, or waiting): then it is queued behind it,
+/// unclaimed.
+fn insert_claimed(c: &Connection, it: NewInbox, owner: &str, lease_until: i64) -> StoreResult<Option<InboxItem>> {
+    let busy = c
+        .prepare_cached("SELECT 1 FROM inbox WHERE conversation_id = ?1 LIMIT 1")
+        .and_then(|mut s| s.exists(params![it.conversation_id]))
+        .map_err(db)?;
+    if busy {
+        c.prepare_cached(INSERT_INBOX_SQL)
+            .and_then(|mut s| s.execute(params![it.channel_id, it.event_id, it.conversation_id, it.payload, it.received_at]))
+            .map_err(db)?;
+        return Ok(None);
+    }
+    c.prepare_cached(
+        "INSERT INTO inbox (channel_id, event_id, conversation_id, payload, received_at, lease_owner, lease_until, attempts)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1)
+         RETURNING id, channel_id, event_id, conversation_id, payload, attempts, received_at,
+           EXISTS (SELECT 1 FROM outbox o WHERE o.conversation_id = inbox.conversation_id)",
+    )
+    .and_then(|mut s| {
+        s.query_row(
+            params![it.channel_id, it.event_id, it.conversation_id, it.payload, it.received_at, owner, lease_until],
+            inbox_row,
+        )
+    })
+    .map(Some)
+    .map_err(db)
+}
+
 fn upsert_conversation(conn: &Connection, c: &ConversationRecord) -> StoreResult<()> {
     conn.prepare_cached(
         "INSERT INTO conversations (id, channel_id, platform_conversation, thread, route, updated_at)
@@ -740,28 +770,33 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn inbox_put(&self, items: Vec<NewInbox>, dedupe_until: i64) -> StoreResult<Vec<Accepted>> {
+    async fn inbox_put(&self, items: Vec<NewInbox>, dedupe_until: i64, claim: Option<PutClaim>) -> StoreResult<(Vec<Accepted>, Vec<InboxItem>)> {
         self.run(move |c| {
-            let mut seen = c
-                .prepare_cached(DEDUPE_SQL)
-                .map_err(db)?;
-            let mut insert = c
-                .prepare_cached(INSERT_INBOX_SQL)
-                .map_err(db)?;
+            let mut seen = c.prepare_cached(DEDUPE_SQL).map_err(db)?;
             let now = patchbay_channel_core::now_ms();
             let mut out = Vec::with_capacity(items.len());
-            for it in &items {
+            let mut claimed = Vec::new();
+            for it in items {
                 let fresh = seen.execute(params![it.channel_id, it.event_id, dedupe_until, now]).map_err(db)? > 0;
-                if fresh {
-                    insert
-                        .execute(params![it.channel_id, it.event_id, it.conversation_id, it.payload, it.received_at])
-                        .map_err(db)?;
-                    out.push(Accepted::New);
-                } else {
+                if !fresh {
                     out.push(Accepted::Duplicate);
+                    continue;
+                }
+                out.push(Accepted::New);
+                match &claim {
+                    Some(cl) if claimed.len() < cl.limit => {
+                        if let Some(item) = insert_claimed(c, it, &cl.owner, cl.lease_until)? {
+                            claimed.push(item);
+                        }
+                    }
+                    _ => {
+                        c.prepare_cached(INSERT_INBOX_SQL)
+                            .and_then(|mut s| s.execute(params![it.channel_id, it.event_id, it.conversation_id, it.payload, it.received_at]))
+                            .map_err(db)?;
+                    }
                 }
             }
-            Ok(out)
+            Ok((out, claimed))
         })
         .await
     }
@@ -785,45 +820,6 @@ impl Store for SqliteStore {
                 ])
             })
             .map(|_| ())
-            .map_err(db)
-        })
-        .await
-    }
-
-    async fn inbox_put_claimed(&self, it: NewInbox, dedupe_until: i64, owner: String, lease_until: i64) -> StoreResult<PutClaimed> {
-        self.run(move |c| {
-            let now = patchbay_channel_core::now_ms();
-            let fresh = c
-                .prepare_cached(DEDUPE_SQL)
-                .and_then(|mut s| s.execute(params![it.channel_id, it.event_id, dedupe_until, now]))
-                .map_err(db)?
-                > 0;
-            if !fresh {
-                return Ok(PutClaimed::Duplicate);
-            }
-            let busy = c
-                .prepare_cached("SELECT 1 FROM inbox WHERE conversation_id = ?1 LIMIT 1")
-                .and_then(|mut s| s.exists(params![it.conversation_id]))
-                .map_err(db)?;
-            if busy {
-                c.prepare_cached(INSERT_INBOX_SQL)
-                .and_then(|mut s| s.execute(params![it.channel_id, it.event_id, it.conversation_id, it.payload, it.received_at]))
-                .map_err(db)?;
-                return Ok(PutClaimed::Queued);
-            }
-            c.prepare_cached(
-                "INSERT INTO inbox (channel_id, event_id, conversation_id, payload, received_at, lease_owner, lease_until, attempts)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1)
-                 RETURNING id, channel_id, event_id, conversation_id, payload, attempts, received_at,
-      EXISTS (SELECT 1 FROM outbox o WHERE o.conversation_id = inbox.conversation_id)",
-            )
-            .and_then(|mut s| {
-                s.query_row(
-                    params![it.channel_id, it.event_id, it.conversation_id, it.payload, it.received_at, owner, lease_until],
-                    inbox_row,
-                )
-            })
-            .map(PutClaimed::Claimed)
             .map_err(db)
         })
         .await
@@ -1294,7 +1290,7 @@ mod tests {
                             payload: payload.clone(),
                             received_at: 0,
                         };
-                        store.inbox_put(vec![item], i64::MAX).await.unwrap();
+                        store.inbox_put(vec![item], i64::MAX, None).await.unwrap();
                     }
                 })
             })
