@@ -83,7 +83,7 @@ pub struct Slack {
 
 impl Slack {
     pub fn new(settings: Settings, env: &BuildEnv) -> Arc<Slack> {
-        let api = Api::new(&settings.api_url, env.http.clone(), settings.send_timeout);
+        let api = Api::new(&settings.api_url, env.http.clone(), settings.send_timeout, settings.api_concurrency);
         Arc::new(Slack {
             api,
             settings,
