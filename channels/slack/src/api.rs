@@ -156,17 +156,17 @@ impl Api {
     /// POSTs `body` as JSON with `Authorization: Bearer`; answers the `ok: true` body.
     /// `scope` is the workspace the 429 bookkeeping is kept for.
     pub async fn call(&self, scope: &str, method: &'static str, token: &Secret, body: &serde_json::Value) -> Result<serde_json::Value, ApiError> {
-        let req = self.http.post(self.url(method)).bearer_auth(token.expose()).json(body);
-        self.send(scope, method, req).await
+        self.send(scope, method, || self.http.post(self.url(method)).bearer_auth(token.expose()).json(body)).await
     }
 
     /// POSTs a form with HTTP Basic client authentication (`oauth.v2.access`).
     pub async fn call_basic(&self, method: &'static str, client_id: &str, client_secret: &Secret, form: &[(&str, &str)]) -> Result<serde_json::Value, ApiError> {
-        let req = self.http.post(self.url(method)).basic_auth(client_id, Some(client_secret.expose())).form(form);
-        self.send("", method, req).await
+        self.send("", method, || self.http.post(self.url(method)).basic_auth(client_id, Some(client_secret.expose())).form(form)).await
     }
 
-    async fn send(&self, scope: &str, method: &'static str, req: reqwest::RequestBuilder) -> Result<serde_json::Value, ApiError> {
+    /// `request` is built once the call has its turn: a call waiting for one holds nothing
+    /// but its arguments.
+    async fn send(&self, scope: &str, method: &'static str, request: impl FnOnce() -> reqwest::RequestBuilder) -> Result<serde_json::Value, ApiError> {
         if let Some(wait) = self.blocked_for(scope, method) {
             return Err(ApiError::Retryable {
                 code: "ratelimited".into(),
@@ -187,7 +187,7 @@ impl Api {
             });
         };
         let left = deadline.saturating_duration_since(Instant::now());
-        let resp = req.timeout(left).send().await.map_err(|e| ApiError::Retryable {
+        let resp = request().timeout(left).send().await.map_err(|e| ApiError::Retryable {
             code: "network".into(),
             message: describe(method, &e),
             retry_after: None,
