@@ -172,7 +172,7 @@ impl Slack {
 
     /// One `chat.postMessage`, paced per channel; answers the message's `ts`.
     async fn post(&self, team: &str, channel: &str, thread_ts: Option<&str>, token: &Secret, text: &str) -> Result<Option<String>, SendError> {
-        match self.pacer.reserve(&format!("{team}:{channel}"), PACE_MAX_WAIT) {
+        match self.pacer.reserve((team, channel), PACE_MAX_WAIT) {
             Ok(wait) if !wait.is_zero() => tokio::time::sleep(wait).await,
             Ok(_) => {}
             Err(wait) => {
