@@ -83,7 +83,7 @@ pub struct Slack {
 
 impl Slack {
     pub fn new(settings: Settings, env: &BuildEnv) -> Arc<Slack> {
-        let api = Api::new(&settings.api_url, env.http.clone(), settings.send_timeout);
+        let api = Api::new(&settings.api_url, env.http.clone(), settings.send_timeout, settings.api_concurrency);
         Arc::new(Slack {
             api,
             settings,
@@ -172,7 +172,7 @@ impl Slack {
 
     /// One `chat.postMessage`, paced per channel; answers the message's `ts`.
     async fn post(&self, team: &str, channel: &str, thread_ts: Option<&str>, token: &Secret, text: &str) -> Result<Option<String>, SendError> {
-        match self.pacer.reserve(&format!("{team}:{channel}"), PACE_MAX_WAIT) {
+        match self.pacer.reserve((team, channel), PACE_MAX_WAIT) {
             Ok(wait) if !wait.is_zero() => tokio::time::sleep(wait).await,
             Ok(_) => {}
             Err(wait) => {

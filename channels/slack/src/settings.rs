@@ -59,6 +59,8 @@ struct Raw {
     send_timeout_ms: u64,
     #[serde(default)]
     stream_edit_interval_ms: Option<u64>,
+    #[serde(default = "default_api_concurrency")]
+    api_concurrency: u16,
 }
 
 /// The default pause between edits of a streamed reply: `chat.update` is a Tier 3 method
@@ -68,6 +70,13 @@ pub const DEFAULT_STREAM_EDIT_MS: u64 = 1500;
 
 fn default_send_timeout_ms() -> u64 {
     10_000
+}
+
+/// Web API calls in flight at once, per channel (see `Settings::api_concurrency`).
+pub const DEFAULT_API_CONCURRENCY: u16 = 16;
+
+fn default_api_concurrency() -> u16 {
+    DEFAULT_API_CONCURRENCY
 }
 
 /// The OAuth v2 app credentials (Basic Information → App Credentials).
@@ -102,6 +111,12 @@ pub struct Settings {
     /// How often a streamed reply is edited in place with `chat.update` (`None`: streaming
     /// off, the finished reply is posted once).
     pub stream_edit_interval: Option<Duration>,
+    /// Web API calls in flight at once (1–256), and so the most HTTP connections to Slack
+    /// the channel keeps: each costs buffers (and a TLS session) for as long as it stays in
+    /// the pool, and Slack's pacing is per channel anyway, so a few dozen carry far more
+    /// replies than Slack accepts. Calls beyond it wait for one to finish (within
+    /// `send_timeout`).
+    pub api_concurrency: usize,
 }
 
 impl Settings {
@@ -220,6 +235,9 @@ impl Settings {
         if raw.send_timeout_ms == 0 || raw.send_timeout_ms > 120_000 {
             return Err(SettingsError::new("send_timeout_ms", "must be between 1 and 120000"));
         }
+        if !(1..=256).contains(&raw.api_concurrency) {
+            return Err(SettingsError::new("api_concurrency", "must be between 1 and 256"));
+        }
         let stream_edit = raw.stream_edit_interval_ms.unwrap_or(DEFAULT_STREAM_EDIT_MS);
         if stream_edit != 0 && !(100..=60_000).contains(&stream_edit) {
             return Err(SettingsError::new(
@@ -241,6 +259,7 @@ impl Settings {
             oauth,
             send_timeout: Duration::from_millis(raw.send_timeout_ms),
             stream_edit_interval: (stream_edit > 0).then(|| Duration::from_millis(stream_edit)),
+            api_concurrency: raw.api_concurrency.into(),
         })
     }
 }
@@ -373,6 +392,9 @@ mod tests {
         assert_eq!(with(json!({"respond_to": "everyone"})).unwrap_err().field, "respond_to");
         assert_eq!(with(json!({"stream_edit_interval_ms": 50})).unwrap_err().field, "stream_edit_interval_ms");
         assert!(with(json!({"stream_edit_interval_ms": 0})).unwrap().stream_edit_interval.is_none());
+        assert_eq!(with(json!({})).unwrap().api_concurrency, DEFAULT_API_CONCURRENCY as usize);
+        assert_eq!(with(json!({"api_concurrency": 0})).unwrap_err().field, "api_concurrency");
+        assert_eq!(with(json!({"api_concurrency": 257})).unwrap_err().field, "api_concurrency");
         assert_eq!(with(json!({"client_id": "1.2"})).unwrap_err().field, "client_secret");
         assert_eq!(with(json!({"client_secret": "s"})).unwrap_err().field, "client_id");
         assert_eq!(with(json!({"client_id": "x", "client_secret": "s"})).unwrap_err().field, "client_id");
