@@ -52,6 +52,9 @@ pub struct Conn {
     /// A fragmented message being assembled (rare, so kept out of line): whether it is text,
     /// and its bytes so far.
     partial: Option<Box<(bool, BytesMut)>>,
+    /// A write failed or was given up (timed out) part way: the stream may end inside a
+    /// frame, so nothing more may be written to it, not even a close frame.
+    broken: bool,
 }
 
 impl Conn {
@@ -64,6 +67,7 @@ impl Conn {
             limit,
             pending: BytesMut::from(&buffered[..]),
             partial: None,
+            broken: false,
         }
     }
 
@@ -178,10 +182,17 @@ impl Conn {
     }
 
     async fn send(&mut self, payload: &[u8], op: OpCode) -> io::Result<()> {
+        if self.broken {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
         // One buffer per frame, gone once written: nothing is kept while the socket idles.
         let mut buf = BytesMut::with_capacity(payload.len() + 10);
         Parser::write_message(&mut buf, payload, op, true, false);
-        self.io.write_all(&buf).await
+        // Cleared only when the whole frame is out; a timeout drops this future part way.
+        self.broken = true;
+        self.io.write_all(&buf).await?;
+        self.broken = false;
+        Ok(())
     }
 
     /// Ends the connection: the close frame (unless the client is gone), the end of our side,
@@ -191,7 +202,7 @@ impl Conn {
     /// `frame`: None when the client is gone (nothing can be sent), else the close frame's
     /// reason, if any.
     pub async fn close(mut self, frame: Option<Option<CloseReason>>, write_timeout: Duration) {
-        if let Some(reason) = frame {
+        if let (Some(reason), false) = (frame, self.broken) {
             let mut buf = BytesMut::new();
             Parser::write_close(&mut buf, reason, false);
             if tokio::time::timeout(write_timeout, self.io.write_all(&buf)).await.is_err() {
