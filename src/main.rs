@@ -5,6 +5,7 @@ mod assistants;
 mod cli;
 mod config;
 mod hooks;
+mod http_server;
 mod kinds;
 mod metrics;
 mod pipeline;

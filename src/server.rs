@@ -8,7 +8,8 @@ use crate::pipeline::{Pipeline, PipelineSettings};
 use crate::registry::Registry;
 use crate::seal::Sealer;
 use crate::store::{sqlite::SqliteStore, Store};
-use actix_web::{web, App, HttpResponse, HttpServer};
+use crate::http_server;
+use actix_web::{web, App, HttpResponse};
 use patchbay_channel_core::{Inbox, Secret};
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -106,7 +107,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken
     } else {
         cfg.server.workers
     };
-    let server = HttpServer::new(move || {
+    let app = move || {
         App::new()
             .app_data(state.clone())
             .configure(admin::routes)
@@ -118,22 +119,21 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken
             .route("/docs", web::get().to(admin::openapi::page))
             .route("/chat", web::get().to(chat_page))
             .route("/chat/{channel}", web::get().to(chat_page))
-    })
-    .workers(workers)
-    // Platforms and proxies keep connections in their pools for a minute or more; closing
-    // idle ones after actix's default 5 s makes a client that reuses one at that moment see
-    // its request fail unanswered.
-    .keep_alive(Duration::from_secs(75))
-    // Small frames (a web chat's `received`, `typing` and reply; a WebSocket ping) must not
-    // wait ~40 ms for the peer's delayed ACK of the previous one (Nagle's algorithm).
-    .tcp_nodelay(true)
-    .disable_signals()
-    .shutdown_timeout(grace.as_secs().max(1))
-    .listen(listener)
-    .map_err(|e| StartError::Http(e.to_string()))?
-    .run();
-    let handle = server.handle();
-    let server_task = tokio::spawn(server);
+    };
+    let settings = http_server::Settings {
+        workers,
+        // Platforms and proxies keep connections in their pools for a minute or more; closing
+        // idle ones after actix's default 5 s makes a client that reuses one at that moment see
+        // its request fail unanswered.
+        keep_alive: Duration::from_secs(75),
+        // Small frames (a web chat's `received`, `typing` and reply; a WebSocket ping) must not
+        // wait ~40 ms for the peer's delayed ACK of the previous one (Nagle's algorithm).
+        tcp_nodelay: true,
+        shutdown_timeout: grace,
+    };
+    // Served like actix-web's HttpServer, except that WebSockets leave actix's HTTP
+    // dispatcher once upgraded (src/http_server.rs).
+    let server = http_server::start(listener, settings, app).map_err(|e| StartError::Http(e.to_string()))?;
 
     tracing::info!(url = %public_url, "patchbay is listening");
     println!("patchbay listening on http://{local}");
@@ -154,9 +154,9 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken
 
     shutdown.cancelled().await;
     tracing::info!("shutting down: no new requests; finishing in-flight work");
-    // 1. Stop accepting; let in-flight requests (whose messages are being stored) finish.
-    handle.stop(true).await;
-    let _ = server_task.await;
+    // 1. Stop accepting; close the web chat sockets; let in-flight requests (whose messages
+    // are being stored) finish.
+    server.stop(grace).await;
     // 2. Stop connectors and the registry follower.
     background.cancel();
     let _ = supervisor.await;

@@ -8,7 +8,7 @@ mod webchat;
 
 use serde_json::{json, Value};
 use common::{http, Patchbay};
-use webchat::{conversation_id, new_token, post, Connect, Socket};
+use webchat::{conversation_id, new_token, post, Connect, RawSocket, Socket};
 
 const CONFIG: &str = r#"
 [assistants.echo]
@@ -383,4 +383,104 @@ message_burst = 3
     let (other, _) = new_token(&base).await;
     let (status, body, _) = post(&hook, &json!({"type": "message", "text": "hi"}).to_string(), &[("authorization", &format!("Bearer {other}"))]).await;
     assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_joins_fragments_answers_pings_between_them_and_closes_cleanly() {
+    let svc = Patchbay::start(CONFIG);
+    let base = svc.callback_url("web").await;
+    let mut s = RawSocket::open(&base).await;
+    // `hello` in three fragments, with a ping between two of them (RFC 6455 5.4, 5.5.2).
+    let hello = json!({"type": "hello"}).to_string();
+    let (a, rest) = hello.as_bytes().split_at(4);
+    let (b, c) = rest.split_at(5);
+    s.frame(false, 1, a, true).await;
+    s.frame(false, 0, b, true).await;
+    s.frame(true, 9, b"are you there", true).await;
+    s.frame(true, 0, c, true).await;
+    let pong = s.next().await.expect("a pong");
+    assert_eq!((pong.opcode, pong.payload.as_slice()), (10, &b"are you there"[..]));
+    let answer = s.next().await.expect("the hello").json();
+    assert_eq!(answer["type"], "hello", "{answer}");
+    // A message in fragments longer than max_frame_bytes all together: refused, socket kept.
+    let long = json!({"type": "message", "text": "x".repeat(1500)}).to_string();
+    let (a, b) = long.as_bytes().split_at(800);
+    s.frame(false, 1, a, true).await;
+    s.frame(true, 0, b, true).await;
+    assert_eq!(s.next_significant().await.unwrap().json()["code"], "frame_too_large");
+    s.text(json!({"type": "message", "text": "short"})).await;
+    assert_eq!(s.next_significant().await.unwrap().json()["text"], "echo: short");
+    // A binary frame is refused with an error frame, and the socket stays.
+    s.frame(true, 2, b"\x00\x01", true).await;
+    assert_eq!(s.next_significant().await.unwrap().json()["code"], "binary_not_supported");
+    // The client closes: the server answers with a close frame (1000), then ends the connection.
+    s.frame(true, 8, &1000u16.to_be_bytes(), true).await;
+    let closing = s.next_significant().await.expect("a close frame");
+    assert_eq!(closing.close_code(), Some(1000), "{closing:?}");
+    assert_eq!(s.next().await, None, "the connection ends after the close handshake");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_past_the_hard_limit_and_unmasked_frames_close_the_socket_with_a_reason() {
+    let svc = Patchbay::start(CONFIG);
+    let base = svc.callback_url("web").await;
+    // A frame claiming 2 MiB (over the 1 MiB hard limit): refused as soon as its head arrives.
+    let mut s = RawSocket::open(&base).await;
+    s.head_only(1, 2 * 1024 * 1024).await;
+    let e = s.next().await.expect("an error frame").json();
+    assert_eq!(e["code"], "protocol_error", "{e}");
+    assert_eq!(s.next().await.expect("a close frame").close_code(), Some(1009));
+    assert_eq!(s.next().await, None);
+
+    // Fragments adding up past the hard limit: the same.
+    let mut s = RawSocket::open(&base).await;
+    let part = vec![b'x'; 600 * 1024];
+    s.frame(false, 1, &part, true).await;
+    s.frame(true, 0, &part, true).await;
+    assert_eq!(s.next().await.expect("an error frame").json()["code"], "protocol_error");
+    assert_eq!(s.next().await.expect("a close frame").close_code(), Some(1009));
+
+    // A client frame without a mask (RFC 6455 5.1): a protocol error (1002).
+    let mut s = RawSocket::open(&base).await;
+    s.frame(true, 1, json!({"type": "hello"}).to_string().as_bytes(), false).await;
+    assert_eq!(s.next().await.expect("an error frame").json()["code"], "protocol_error");
+    assert_eq!(s.next().await.expect("a close frame").close_code(), Some(1002));
+    assert_eq!(s.next().await, None);
+
+    // Text that is not UTF-8: closed as invalid data (1007).
+    let mut s = RawSocket::open(&base).await;
+    s.frame(true, 1, &[0xff, 0xfe, b'{'], true).await;
+    assert_eq!(s.next().await.expect("an error frame").json()["code"], "protocol_error");
+    assert_eq!(s.next().await.expect("a close frame").close_code(), Some(1007));
+
+    // Other routes still answer upgrade requests as plain HTTP, and the chat keeps working.
+    let resp = http()
+        .get(format!("{}/healthz", svc.url))
+        .header("upgrade", "websocket")
+        .header("connection", "upgrade")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let (s, ..) = chatting(&base, "still fine").await;
+    s.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sigterm_sockets_are_told_going_away_and_the_process_exits_promptly() {
+    let mut svc = Patchbay::start(CONFIG);
+    let base = svc.callback_url("web").await;
+    let mut s = RawSocket::open(&base).await;
+    s.text(json!({"type": "hello"})).await;
+    assert_eq!(s.next_significant().await.unwrap().json()["type"], "hello");
+    let started = std::time::Instant::now();
+    let exit = tokio::task::spawn_blocking(move || (svc.terminate(), svc));
+    // 1001: the client reconnects (to the next process) and replays from its watermark.
+    let f = s.next_significant().await.expect("a close frame");
+    assert_eq!(f.close_code(), Some(1001), "{f:?}");
+    s.frame(true, 8, &1001u16.to_be_bytes(), true).await;
+    drop(s);
+    let (exit, svc) = exit.await.unwrap();
+    assert!(exit.success(), "SIGTERM exit status {exit:?}; stderr:\n{}", svc.stderr());
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "stopped in {:?}", started.elapsed());
 }

@@ -130,3 +130,150 @@ impl Socket {
         let _ = self.ws.close(None).await;
     }
 }
+
+/// A WebSocket client written out by hand, frame by frame, for what a library client will
+/// not do (unmasked frames, a length past the limit, a ping between fragments).
+pub struct RawSocket {
+    io: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+/// A frame as the server wrote it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RawFrame {
+    pub fin: bool,
+    pub opcode: u8,
+    pub payload: Vec<u8>,
+}
+
+impl RawFrame {
+    pub fn json(&self) -> Value {
+        assert_eq!(self.opcode, 1, "a text frame: {self:?}");
+        serde_json::from_slice(&self.payload).expect("JSON frame")
+    }
+
+    /// A close frame's code.
+    pub fn close_code(&self) -> Option<u16> {
+        (self.opcode == 8 && self.payload.len() >= 2).then(|| u16::from_be_bytes([self.payload[0], self.payload[1]]))
+    }
+}
+
+impl RawSocket {
+    /// Upgrades `GET {base}/ws` with a fixed key, checking the server's accept value.
+    pub async fn open(base: &str) -> RawSocket {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let rest = base.strip_prefix("http://").expect("http base");
+        let (host, path) = rest.split_once('/').expect("a path");
+        let mut io = tokio::net::TcpStream::connect(host).await.expect("connect");
+        let req = format!(
+            "GET /{path}/ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        io.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let end = loop {
+            let mut chunk = [0u8; 1024];
+            let n = io.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed during the handshake: {}", String::from_utf8_lossy(&buf));
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+        assert!(head.starts_with("http/1.1 101"), "{head}");
+        // RFC 6455 section 1.3's example key and its accept value.
+        assert!(head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
+        RawSocket { io, buf: buf[end..].to_vec() }
+    }
+
+    /// Writes one frame: `masked` as a client must, or not, to see it refused.
+    pub async fn frame(&mut self, fin: bool, opcode: u8, payload: &[u8], masked: bool) {
+        use tokio::io::AsyncWriteExt;
+        let mut out = vec![(fin as u8) << 7 | opcode];
+        let mask_bit = if masked { 0x80 } else { 0 };
+        match payload.len() {
+            n if n < 126 => out.push(mask_bit | n as u8),
+            n if n <= 0xffff => {
+                out.push(mask_bit | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(mask_bit | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        let key = [0x12, 0x34, 0x56, 0x78];
+        if masked {
+            out.extend_from_slice(&key);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        } else {
+            out.extend_from_slice(payload);
+        }
+        self.io.write_all(&out).await.expect("write");
+    }
+
+    /// Writes only a frame's head, claiming `len` bytes that never follow.
+    pub async fn head_only(&mut self, opcode: u8, len: u64) {
+        use tokio::io::AsyncWriteExt;
+        let mut out = vec![0x80 | opcode, 0x80 | 127];
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&[1, 2, 3, 4]);
+        self.io.write_all(&out).await.expect("write");
+    }
+
+    pub async fn text(&mut self, v: Value) {
+        self.frame(true, 1, v.to_string().as_bytes(), true).await;
+    }
+
+    /// The next frame within 10 s; None when the server closed the connection.
+    pub async fn next(&mut self) -> Option<RawFrame> {
+        use tokio::io::AsyncReadExt;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some((frame, used)) = parse_server_frame(&self.buf) {
+                self.buf.drain(..used);
+                return Some(frame);
+            }
+            let mut chunk = vec![0u8; 64 * 1024];
+            let n = match tokio::time::timeout_at(deadline, self.io.read(&mut chunk)).await {
+                Ok(Ok(n)) => n,
+                Ok(Err(_)) => 0,
+                Err(_) => panic!("no frame within 10 s"),
+            };
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The next frame that is not a ping (nor `typing`/`received`).
+    pub async fn next_significant(&mut self) -> Option<RawFrame> {
+        loop {
+            let f = self.next().await?;
+            if f.opcode == 9 {
+                continue;
+            }
+            if f.opcode == 1 && matches!(f.json()["type"].as_str(), Some("typing" | "received")) {
+                continue;
+            }
+            return Some(f);
+        }
+    }
+}
+
+fn parse_server_frame(b: &[u8]) -> Option<(RawFrame, usize)> {
+    if b.len() < 2 {
+        return None;
+    }
+    assert_eq!(b[1] & 0x80, 0, "a server frame must not be masked");
+    let (len, mut at) = match b[1] & 0x7f {
+        126 => (u16::from_be_bytes([*b.get(2)?, *b.get(3)?]) as usize, 4),
+        127 => (u64::from_be_bytes(b.get(2..10)?.try_into().ok()?) as usize, 10),
+        n => (n as usize, 2),
+    };
+    let payload = b.get(at..at + len)?.to_vec();
+    at += len;
+    Some((RawFrame { fin: b[0] & 0x80 != 0, opcode: b[0] & 0x0f, payload }, at))
+}

@@ -14,6 +14,7 @@ pub mod message;
 pub mod secret;
 pub mod settings;
 pub mod status;
+pub mod upgrade;
 
 pub use channel::{
     BuildEnv, Channel, ChannelKind, CheckReport, CheckStep, Connector, ConnectorCtx, Delivered,

@@ -95,7 +95,7 @@ async fn route(chat: &Webchat, ctx: HookCtx, req: &HttpRequest, body: web::Paylo
         return error_response(StatusCode::SERVICE_UNAVAILABLE, "channel_disabled", "this chat is switched off", None);
     }
     match (method.as_str(), path) {
-        ("GET", "" | "/ws") if upgrade => crate::socket::upgrade(chat.clone(), ctx, req, body).await,
+        ("GET", "" | "/ws") if upgrade => crate::socket::upgrade(chat.clone(), ctx, req),
         ("GET", "") => HttpResponse::Found()
             .insert_header((header::LOCATION, format!("{}/chat", inner.base_path)))
             .finish(),

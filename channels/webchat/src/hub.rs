@@ -2,11 +2,12 @@
 //! second socket takes over and the first is told why (Direct Line's `collision`).
 
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::future::Future;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 
 /// What `send` and friends hand a live socket.
 #[derive(Debug)]
@@ -24,58 +25,117 @@ pub enum Push {
 pub const SOCKET_QUEUE: usize = 256;
 
 /// The sending side of one socket's queue.
+///
+/// The queue is a `VecDeque` that is empty, holding no allocation, while the socket idles
+/// (a bounded tokio channel would allocate a block of 32 slots up front for every socket).
 #[derive(Clone)]
-pub struct SocketTx {
-    tx: mpsc::Sender<Push>,
-    kick: Arc<Kick>,
-}
+pub struct SocketTx(Arc<Queue>);
 
-/// Why a socket must close when its queue had no room to say so.
+/// The socket's side of its queue.
+pub struct SocketRx(Arc<Queue>);
+
 #[derive(Default)]
-pub struct Kick {
-    why: Mutex<Option<(&'static str, &'static str)>>,
-    pub notify: tokio::sync::Notify,
+struct Queue {
+    state: Mutex<QueueState>,
 }
 
-impl Kick {
-    /// The reason given, if the socket was told to close.
-    pub fn take(&self) -> Option<(&'static str, &'static str)> {
-        self.why.lock().unwrap_or_else(|p| p.into_inner()).take()
-    }
+#[derive(Default)]
+struct QueueState {
+    items: VecDeque<Push>,
+    /// Why the socket must close, when its queue had no room to say so.
+    kick: Option<(&'static str, &'static str)>,
+    /// The socket is gone.
+    closed: bool,
+    /// The socket's task, when it waits for a push. (A waker slot rather than a `Notify`:
+    /// waiting on a `Notify` puts a waiter node in every idle socket's task.)
+    waiter: Option<Waker>,
+}
 
-    fn set(&self, reason: &'static str, message: &'static str) {
-        let mut why = self.why.lock().unwrap_or_else(|p| p.into_inner());
-        // A collision says more than "too slow": keep it.
-        if why.is_none() || reason != "too_slow" {
-            *why = Some((reason, message));
-        }
-        self.notify.notify_one();
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 impl SocketTx {
-    pub fn new() -> (SocketTx, mpsc::Receiver<Push>, Arc<Kick>) {
-        let (tx, rx) = mpsc::channel(SOCKET_QUEUE);
-        let kick = Arc::new(Kick::default());
-        (SocketTx { tx, kick: kick.clone() }, rx, kick)
+    pub fn new() -> (SocketTx, SocketRx) {
+        let q = Arc::new(Queue::default());
+        (SocketTx(q.clone()), SocketRx(q))
     }
 
     /// Queues `push`; false when the socket is gone. A full queue drops a typing
     /// indicator, and for anything else tells the socket to close.
     fn push(&self, push: Push) -> bool {
-        match self.tx.try_send(push) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-            Err(mpsc::error::TrySendError::Full(Push::Typing)) => true,
-            Err(mpsc::error::TrySendError::Full(Push::Close { reason, message })) => {
-                self.kick.set(reason, message);
-                true
-            }
-            Err(mpsc::error::TrySendError::Full(Push::Logged(..))) => {
-                self.kick.set("too_slow", "replies came faster than this client read them; reconnect to receive the rest");
-                true
+        let mut s = self.0.lock();
+        if s.closed {
+            return false;
+        }
+        if s.items.len() < SOCKET_QUEUE {
+            s.items.push_back(push);
+        } else {
+            let (reason, message) = match push {
+                Push::Typing => return true,
+                Push::Close { reason, message } => (reason, message),
+                Push::Logged(..) => {
+                    ("too_slow", "replies came faster than this client read them; reconnect to receive the rest")
+                }
+            };
+            // A collision says more than "too slow": keep it.
+            if s.kick.is_none() || reason != "too_slow" {
+                s.kick = Some((reason, message));
             }
         }
+        let waiter = s.waiter.take();
+        drop(s);
+        if let Some(w) = waiter {
+            w.wake();
+        }
+        true
+    }
+}
+
+impl SocketRx {
+    /// The next push; a kick comes before what is queued. Only the socket's own task waits.
+    pub fn recv(&self) -> impl Future<Output = Push> + '_ {
+        std::future::poll_fn(move |cx| {
+            let mut s = self.0.lock();
+            match Self::pop(&mut s) {
+                Some(p) => Poll::Ready(p),
+                None => {
+                    // Registered under the lock a push takes: a push cannot slip in between.
+                    if !s.waiter.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        s.waiter = Some(cx.waker().clone());
+                    }
+                    Poll::Pending
+                }
+            }
+        })
+    }
+
+    #[cfg(test)]
+    fn try_recv(&self) -> Option<Push> {
+        Self::pop(&mut self.0.lock())
+    }
+
+    fn pop(s: &mut QueueState) -> Option<Push> {
+        if let Some((reason, message)) = s.kick.take() {
+            return Some(Push::Close { reason, message });
+        }
+        let p = s.items.pop_front();
+        if s.items.is_empty() && s.items.capacity() > 8 {
+            // A burst's memory is not kept by an idle socket.
+            s.items = VecDeque::new();
+        }
+        p
+    }
+}
+
+impl Drop for SocketRx {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.closed = true;
+        s.items = VecDeque::new();
+        s.waiter = None;
     }
 }
 
@@ -174,31 +234,42 @@ mod tests {
     #[test]
     fn a_full_queue_closes_the_socket_instead_of_growing() {
         let hub = Hub::default();
-        let (tx, mut rx, kick) = SocketTx::new();
+        let (tx, rx) = SocketTx::new();
         hub.attach("u", tx, Duration::from_secs(60));
         for seq in 1..=SOCKET_QUEUE as i64 {
             assert!(hub.push("u", Push::Logged(seq, Value::Null)));
         }
-        assert!(kick.take().is_none(), "room for a full queue");
+        assert!(rx.0.lock().kick.is_none(), "room for a full queue");
         // No room: a typing indicator is dropped, a reply tells the socket to close (the
         // reply is in the log and is replayed on reconnect).
         assert!(hub.push("u", Push::Typing));
-        assert!(kick.take().is_none());
+        assert!(rx.0.lock().kick.is_none());
         assert!(hub.push("u", Push::Logged(999, Value::Null)));
-        assert_eq!(kick.take().map(|k| k.0), Some("too_slow"));
+        assert_eq!(rx.0.lock().kick.map(|k| k.0), Some("too_slow"));
         // A collision is said even through a full queue, and wins over "too slow".
         hub.push("u", Push::Logged(1000, Value::Null));
-        let (tx2, _rx2, _kick2) = SocketTx::new();
+        let (tx2, _rx2) = SocketTx::new();
         hub.attach("u", tx2, Duration::from_secs(60));
-        assert_eq!(kick.take().map(|k| k.0), Some("collision"));
-        // What was queued is still there, in order.
-        assert!(matches!(rx.try_recv(), Ok(Push::Logged(1, _))));
+        // The socket hears the kick first; what was queued is still there, in order.
+        assert!(matches!(rx.try_recv(), Some(Push::Close { reason: "collision", .. })));
+        assert!(matches!(rx.try_recv(), Some(Push::Logged(1, _))));
+    }
+
+    #[test]
+    fn an_idle_queue_holds_no_allocation() {
+        let (tx, rx) = SocketTx::new();
+        assert_eq!(rx.0.lock().items.capacity(), 0);
+        for seq in 0..100 {
+            tx.push(Push::Logged(seq, Value::Null));
+        }
+        while rx.try_recv().is_some() {}
+        assert_eq!(rx.0.lock().items.capacity(), 0, "a burst's memory is given back");
     }
 
     #[test]
     fn a_gone_socket_is_not_live() {
         let hub = Hub::default();
-        let (tx, rx, _kick) = SocketTx::new();
+        let (tx, rx) = SocketTx::new();
         hub.attach("u", tx, Duration::from_secs(60));
         drop(rx);
         assert!(!hub.push("u", Push::Typing));

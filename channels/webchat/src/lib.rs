@@ -13,6 +13,7 @@
 //!   to the live socket, if any; a socket that comes back replays what it missed from its
 //!   watermark, in order, none twice.
 
+mod conn;
 mod http;
 mod hub;
 mod limit;

@@ -9,18 +9,21 @@
 //! is replayed in order. After that, replies arrive as they are sent; a sequence number is
 //! never written twice to a socket, and a gap is filled from the log first.
 
+use crate::conn::{Conn, Incoming, ReadError};
 use crate::http::{session_frame, take_message};
 use crate::hub::{Push, SocketTx};
 use crate::token::{looks_like_token, Claims};
 use crate::wire::{self, ClientKind, FrameError};
 use crate::{Inner, Webchat};
+use actix_http::ws::{CloseCode, CloseReason};
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpRequest, HttpResponse};
-use actix_ws::{AggregatedMessage, CloseCode, CloseReason, Session};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use patchbay_channel_core::channel::error_response;
+use patchbay_channel_core::upgrade::{HandOver, TakeOver, Upgraded};
 use patchbay_channel_core::{HookCtx, LogRange};
 use serde_json::{json, Value};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// Frames larger than this close the socket (1009); between `max_frame_bytes` and this they
 /// are answered with an error frame and the socket is kept.
@@ -32,7 +35,9 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const REPLAY_PAGE: usize = 200;
 const REPLAY_MAX_PAGES: usize = 50;
 
-pub async fn upgrade(chat: Webchat, ctx: HookCtx, req: &HttpRequest, body: web::Payload) -> HttpResponse {
+/// Answers an upgrade request: `101` with the socket to run once the server has handed the
+/// connection over (see `patchbay_channel_core::upgrade`), or a plain status.
+pub fn upgrade(chat: Webchat, ctx: HookCtx, req: &HttpRequest) -> HttpResponse {
     let inner = &chat.0;
     // A token on the URL is checked before upgrading, so a bad one gets a plain status.
     let query_token = web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
@@ -45,31 +50,40 @@ pub async fn upgrade(chat: Webchat, ctx: HookCtx, req: &HttpRequest, body: web::
         },
         None => None,
     };
-    let (resp, session, stream) = match actix_ws::handle(req, body) {
-        Ok(x) => x,
-        Err(e) => {
-            return error_response(StatusCode::BAD_REQUEST, "bad_upgrade", &format!("not a WebSocket upgrade: {e}"), None)
-        }
-    };
-    let stream = stream.max_frame_size(HARD_FRAME_LIMIT).aggregate_continuations().max_continuation_size(HARD_FRAME_LIMIT);
-    actix_web::rt::spawn(async move {
-        let mut s = Socket {
-            chat: chat.clone(),
+    if let Err(e) = actix_http::ws::verify_handshake(req.head()) {
+        return error_response(StatusCode::BAD_REQUEST, "bad_upgrade", &format!("not a WebSocket upgrade: {e}"), None);
+    }
+    if req.extensions().get::<HandOver>().is_none() {
+        // Only patchbay's own server (src/server.rs) hands connections over.
+        return error_response(
+            StatusCode::NOT_IMPLEMENTED,
+            "no_websocket",
+            "this server does not hand WebSocket connections over",
+            None,
+        );
+    }
+    let mut resp = actix_http::ws::handshake_response(req.head()).finish();
+    let run = TakeOver::new(move |up: Upgraded| {
+        // Built here, not in an async block: the socket's task then holds `run`'s state only,
+        // without a second copy of what the block captured.
+        let s = Socket {
+            chat,
             ctx,
-            session,
+            conn: Conn::new(up.io, up.buffered, HARD_FRAME_LIMIT),
             user: None,
             last_sent: 0,
             name: None,
         };
-        s.run(stream, preset).await;
+        Box::pin(s.run(up.stop, preset))
     });
-    resp
+    resp.extensions_mut().insert(run);
+    HttpResponse::from(resp).map_into_boxed_body()
 }
 
 struct Socket {
     chat: Webchat,
     ctx: HookCtx,
-    session: Session,
+    conn: Conn,
     /// Set once attached: (claims, connection number).
     user: Option<(Claims, u64)>,
     /// The newest sequence number this socket has written (or the client said it has).
@@ -82,6 +96,35 @@ enum Flow {
     Stop,
 }
 
+/// What woke a socket's loop.
+enum Event {
+    Frame(Result<Incoming, ReadError>),
+    Push(Push),
+    Heartbeat,
+}
+
+/// How a socket's loop ended.
+enum End {
+    /// The client closed the connection: nothing more can be said.
+    Gone,
+    /// A write failed or timed out: a close frame without a reason, if it still goes out.
+    Stop,
+    /// Say goodbye with this close frame.
+    Close(CloseReason),
+}
+
+/// A write bounded by [`SEND_TIMEOUT`]: whether the socket goes on.
+fn written(r: Result<std::io::Result<()>, tokio::time::error::Elapsed>) -> Flow {
+    match r {
+        Ok(Ok(())) => Flow::Continue,
+        _ => Flow::Stop,
+    }
+}
+
+fn close(code: CloseCode, description: Option<&str>) -> End {
+    End::Close(CloseReason { code, description: description.map(str::to_owned) })
+}
+
 impl Socket {
     fn inner(&self) -> &Inner {
         &self.chat.0
@@ -91,7 +134,8 @@ impl Socket {
     /// buffers full: it stopped reading) is dropped, and replays what it missed when it
     /// comes back.
     async fn send(&mut self, v: &Value) -> Flow {
-        match tokio::time::timeout(SEND_TIMEOUT, self.session.text(v.to_string())).await {
+        let text = v.to_string();
+        match tokio::time::timeout(SEND_TIMEOUT, self.conn.send_text(&text)).await {
             Ok(Ok(())) => Flow::Continue,
             Ok(Err(_)) => Flow::Stop,
             Err(_) => {
@@ -105,86 +149,97 @@ impl Socket {
         self.send(&e.frame()).await
     }
 
-    async fn run(&mut self, mut stream: actix_ws::AggregatedMessageStream, preset: Option<Claims>) {
-        let (tx, mut rx, kick) = SocketTx::new();
+    async fn run(mut self, stop: CancellationToken, mut preset: Option<Claims>) {
+        let (tx, rx) = SocketTx::new();
         let mut tx = Some(tx);
-        let mut heartbeat = tokio::time::interval(HEARTBEAT);
-        heartbeat.tick().await;
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
         let mut alive = true;
-        let mut preset = preset;
-        let close: Option<CloseReason> = loop {
-            tokio::select! {
-                msg = stream.recv() => {
-                    let Some(msg) = msg else { break None };
-                    match msg {
-                        Ok(AggregatedMessage::Text(text)) => {
-                            alive = true;
-                            if let Flow::Stop = self.on_text(text.as_bytes(), &mut tx, &mut preset).await {
-                                break None;
-                            }
-                        }
-                        Ok(AggregatedMessage::Binary(_)) => {
-                            if let Flow::Stop = self.error(FrameError::new("binary_not_supported", "send JSON text frames")).await {
-                                break None;
-                            }
-                        }
-                        Ok(AggregatedMessage::Ping(p)) => {
-                            alive = true;
-                            if self.session.pong(&p).await.is_err() {
-                                break None;
-                            }
-                        }
-                        Ok(AggregatedMessage::Pong(_)) => alive = true,
-                        Ok(AggregatedMessage::Close(_)) => break Some(CloseReason::from(CloseCode::Normal)),
-                        Err(e) => {
-                            // Oversized past the hard limit, or not WebSocket at all: nothing safe to keep.
-                            let code = if matches!(e, actix_ws::ProtocolError::Overflow) { CloseCode::Size } else { CloseCode::Protocol };
-                            let _ = self.send(&wire::error_frame("protocol_error", &e.to_string())).await;
-                            break Some(CloseReason { code, description: Some(e.to_string()) });
-                        }
-                    }
-                }
-                push = rx.recv(), if self.user.is_some() => {
-                    let Some(push) = push else { break None };
-                    match push {
-                        Push::Logged(seq, frame) => {
-                            if let Flow::Stop = self.deliver(seq, frame).await {
-                                break None;
-                            }
-                        }
-                        Push::Typing => {
-                            if let Flow::Stop = self.send(&json!({"type": "typing"})).await {
-                                break None;
-                            }
-                        }
-                        Push::Close { reason, message } => {
-                            let _ = self.send(&json!({"type": "disconnect", "reason": reason, "message": message})).await;
-                            break Some(CloseReason { code: CloseCode::Other(4000), description: Some(reason.to_owned()) });
-                        }
-                    }
-                }
-                _ = kick.notify.notified() => {
-                    if let Some((reason, message)) = kick.take() {
-                        let _ = self.send(&json!({"type": "disconnect", "reason": reason, "message": message})).await;
-                        break Some(CloseReason { code: CloseCode::Other(4000), description: Some(reason.to_owned()) });
-                    }
-                }
-                _ = heartbeat.tick() => {
-                    if !alive {
-                        break Some(CloseReason { code: CloseCode::Away, description: Some("no pong".into()) });
-                    }
-                    alive = false;
-                    if self.session.ping(b"").await.is_err() {
-                        break None;
-                    }
-                }
+        let end = loop {
+            let event = tokio::select! {
+                msg = self.conn.next() => Event::Frame(msg),
+                push = rx.recv(), if self.user.is_some() => Event::Push(push),
+                _ = heartbeat.tick() => Event::Heartbeat,
+                _ = stop.cancelled() => break close(CloseCode::Away, Some("the server is restarting")),
+            };
+            // Boxed: what an event takes to handle (a message's storing, a replay, a write and
+            // its timer) exists only while it is handled, not in every idle socket's task.
+            if let Some(end) = Box::pin(self.on_event(event, &mut tx, &mut preset, &mut alive)).await {
+                break end;
             }
         };
+        drop(rx);
         if let Some((claims, conn)) = self.user.take() {
             self.inner().hub.detach(&claims.user, conn, self.last_sent);
         }
         // The client may have stopped reading: the close frame must not wait for it forever.
-        let _ = tokio::time::timeout(SEND_TIMEOUT, self.session.clone().close(close)).await;
+        let reason = match end {
+            End::Gone => None,
+            End::Stop => Some(None),
+            End::Close(r) => Some(Some(r)),
+        };
+        Box::pin(self.conn.close(reason, SEND_TIMEOUT)).await;
+    }
+
+    /// Handles one event of the socket's loop; Some when the socket must end.
+    async fn on_event(
+        &mut self,
+        event: Event,
+        tx: &mut Option<SocketTx>,
+        preset: &mut Option<Claims>,
+        alive: &mut bool,
+    ) -> Option<End> {
+        let flow = match event {
+            Event::Frame(Ok(Incoming::Text(text))) => {
+                *alive = true;
+                self.on_text(&text, tx, preset).await
+            }
+            Event::Frame(Ok(Incoming::Binary)) => {
+                self.error(FrameError::new("binary_not_supported", "send JSON text frames")).await
+            }
+            Event::Frame(Ok(Incoming::Ping(p))) => {
+                *alive = true;
+                written(tokio::time::timeout(SEND_TIMEOUT, self.conn.send_pong(&p)).await)
+            }
+            Event::Frame(Ok(Incoming::Pong)) => {
+                *alive = true;
+                Flow::Continue
+            }
+            Event::Frame(Ok(Incoming::Close)) => return Some(close(CloseCode::Normal, None)),
+            Event::Frame(Err(ReadError::Gone)) => return Some(End::Gone),
+            Event::Frame(Err(ReadError::Protocol(code, message))) => {
+                // Oversized past the hard limit, or not WebSocket at all: nothing safe to keep.
+                let _ = self.send(&wire::error_frame("protocol_error", &message)).await;
+                return Some(close(code, Some(&message)));
+            }
+            Event::Push(push) => return self.on_push(push).await,
+            Event::Heartbeat => {
+                if !*alive {
+                    return Some(close(CloseCode::Away, Some("no pong")));
+                }
+                *alive = false;
+                written(tokio::time::timeout(SEND_TIMEOUT, self.conn.send_ping()).await)
+            }
+        };
+        match flow {
+            Flow::Continue => None,
+            Flow::Stop => Some(End::Stop),
+        }
+    }
+
+    /// Writes what the hub pushed; Some when the socket must end.
+    async fn on_push(&mut self, push: Push) -> Option<End> {
+        let flow = match push {
+            Push::Logged(seq, frame) => self.deliver(seq, frame).await,
+            Push::Typing => self.send(&json!({"type": "typing"})).await,
+            Push::Close { reason, message } => {
+                let _ = self.send(&json!({"type": "disconnect", "reason": reason, "message": message})).await;
+                return Some(close(CloseCode::Other(4000), Some(reason)));
+            }
+        };
+        match flow {
+            Flow::Continue => None,
+            Flow::Stop => Some(End::Stop),
+        }
     }
 
     async fn on_text(&mut self, bytes: &[u8], tx: &mut Option<SocketTx>, preset: &mut Option<Claims>) -> Flow {
@@ -358,5 +413,62 @@ impl Socket {
             self.last_sent = seq;
         }
         flow
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::Signer;
+    use patchbay_channel_core::{Accepted, ChannelId, Inbound, Inbox, InboxError, MemoryLog, StatusHandle, WaitOutcome};
+    use std::sync::Arc;
+
+    struct NoInbox;
+
+    #[async_trait::async_trait]
+    impl Inbox for NoInbox {
+        async fn accept(&self, _: &ChannelId, _: Inbound) -> Result<Accepted, InboxError> {
+            unreachable!()
+        }
+        async fn accept_batch(&self, _: &ChannelId, _: Vec<Inbound>) -> Result<Vec<Accepted>, InboxError> {
+            unreachable!()
+        }
+        async fn accept_and_wait(&self, _: &ChannelId, _: Inbound, _: Duration) -> Result<WaitOutcome, InboxError> {
+            unreachable!()
+        }
+    }
+
+    /// An idle socket's task holds the socket and its loop, not the room of the rarely
+    /// running parts (message handling, replay, writes): those are boxed while they run.
+    #[tokio::test]
+    async fn an_idle_socket_task_is_small() {
+        let settings = crate::settings::Settings::parse(&serde_json::json!({})).unwrap();
+        let chat = Webchat(Arc::new(Inner {
+            signer: Signer::new(&patchbay_channel_core::Secret::new("00".repeat(32))),
+            log: Arc::new(MemoryLog::default()),
+            channel_id: ChannelId::from_trusted("web".into()),
+            hub: Default::default(),
+            origins: Vec::new(),
+            base_path: String::new(),
+            limiter: crate::limit::Limiter::new(0, 1),
+            settings,
+        }));
+        let ctx = HookCtx {
+            channel_id: ChannelId::from_trusted("web".into()),
+            enabled: true,
+            inbox: Arc::new(NoInbox),
+            status: StatusHandle::new(),
+            body_limit: 0,
+            subpath: "/ws".into(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (io, _) = listener.accept().await.unwrap();
+        let conn = Conn::new(io, Vec::new(), HARD_FRAME_LIMIT);
+        let s = Socket { chat, ctx, conn, user: None, last_sent: 0, name: None };
+        let fut = s.run(CancellationToken::new(), None);
+        let size = std::mem::size_of_val(&fut);
+        assert!(size <= 1024, "the socket's future is {size} bytes");
+        drop((fut, client));
     }
 }
