@@ -311,10 +311,13 @@ enum SendAtOnce {
 
 /// Sends an answer's replies at once, before its completion is committed, when that keeps
 /// every promise the outbox makes: the conversation has no earlier replies waiting (order),
-/// the channel is enabled, a sender slot is free (concurrency), and the message's lease has
-/// time left (the message is still in the inbox meanwhile, so a crash before the commit has
-/// it answered again, as a crash between sending and recording a queued reply has that
-/// reply sent again). Answers how many went out, in order, and what becomes of the next
+/// the channel is enabled, and the message's lease has time left (the message is still in
+/// the inbox meanwhile, so a crash before the commit has it answered again, as a crash
+/// between sending and recording a queued reply has that reply sent again). These sends are
+/// bounded by the dispatcher's slots, not the sender's: the sender's claim loop holds free
+/// slots while it waits for work, and taking one here failed for a third of the replies
+/// under load, each then queued (and the conversation's next ones behind it). Answers how
+/// many went out, in order, and what becomes of the next
 /// one: worth retrying, it and the rest are queued for the sender like any reply (this
 /// attempt counting as its first); failed for good, it is dead-lettered and the rest are
 /// queued.
@@ -323,9 +326,6 @@ async fn send_at_once(p: &Pipeline, item: &InboxItem, outs: &mut [OutboundReply]
     if outs.is_empty() || item.replies_queued || claimed_at.elapsed() > p.settings.lease / 2 || p.chain_claim(&item.channel_id).is_none() {
         return (0, queue);
     }
-    let Ok(_slot) = p.send_slots.clone().try_acquire_owned() else {
-        return (0, queue);
-    };
     let m = p.metrics.channel(&item.channel_id);
     for (sent, out) in outs.iter_mut().enumerate() {
         out.attempt = 1;
