@@ -457,23 +457,7 @@ fn insert_outbox(conn: &Connection, replies: &[NewOutbox]) -> StoreResult<usize>
     let mut n = 0;
     for r in replies {
         if let Some(reason) = &r.dead_letter {
-            conn.prepare_cached(
-                "INSERT INTO dead_letters (queue, channel_id, conversation_id, key, payload, reason, attempts, received_at, failed_at)
-                 VALUES ('outbox', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    r.channel_id,
-                    r.conversation_id,
-                    r.reply_id,
-                    r.payload,
-                    reason,
-                    r.attempts,
-                    r.received_at,
-                    patchbay_channel_core::now_ms()
-                ])
-            })
-            .map_err(db)?;
+            insert_dead_letter(conn, Queue::Outbox, &r.channel_id, &r.conversation_id, &r.reply_id, &r.payload, reason, r.attempts, r.received_at)?;
             continue;
         }
         n += stmt
@@ -521,6 +505,40 @@ fn insert_claimed(c: &Connection, it: NewInbox, owner: &str, lease_until: i64) -
         )
     })
     .map(Some)
+    .map_err(db)
+}
+
+/// Records a message or reply that will not be tried again (unless an admin requeues it).
+#[allow(clippy::too_many_arguments)]
+fn insert_dead_letter(
+    conn: &Connection,
+    queue: Queue,
+    channel_id: &str,
+    conversation_id: &str,
+    key: &str,
+    payload: &str,
+    reason: &str,
+    attempts: u32,
+    received_at: i64,
+) -> StoreResult<()> {
+    conn.prepare_cached(
+        "INSERT INTO dead_letters (queue, channel_id, conversation_id, key, payload, reason, attempts, received_at, failed_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            queue.as_str(),
+            channel_id,
+            conversation_id,
+            key,
+            payload,
+            reason,
+            attempts,
+            received_at,
+            patchbay_channel_core::now_ms()
+        ])
+    })
+    .map(|_| ())
     .map_err(db)
 }
 
@@ -803,24 +821,7 @@ impl Store for SqliteStore {
 
     async fn dead_letter_put(&self, it: NewInbox, attempts: u32, reason: String) -> StoreResult<()> {
         self.run(move |c| {
-            c.prepare_cached(
-                "INSERT INTO dead_letters (queue, channel_id, conversation_id, key, payload, reason, attempts, received_at, failed_at)
-                 VALUES ('inbox', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    it.channel_id,
-                    it.conversation_id,
-                    it.event_id,
-                    it.payload,
-                    reason,
-                    attempts,
-                    it.received_at,
-                    patchbay_channel_core::now_ms()
-                ])
-            })
-            .map(|_| ())
-            .map_err(db)
+            insert_dead_letter(c, Queue::Inbox, &it.channel_id, &it.conversation_id, &it.event_id, &it.payload, &reason, attempts, it.received_at)
         })
         .await
     }
