@@ -1,5 +1,6 @@
-//! The dispatcher: claims inbox rows, asks the channel's assistant, and commits the replies
-//! to the outbox in the same transaction that removes the message.
+//! The dispatcher: claims inbox rows, asks the channel's assistant, sends the replies at once
+//! where it can, and queues the rest to the outbox in the same transaction that removes the
+//! message.
 
 use super::sender::Attempt;
 use super::{claim_loop, conversation_id, message_id, reply_id, Pipeline};
@@ -317,10 +318,9 @@ enum SendAtOnce {
 /// bounded by the dispatcher's slots, not the sender's: the sender's claim loop holds free
 /// slots while it waits for work, and taking one here failed for a third of the replies
 /// under load, each then queued (and the conversation's next ones behind it). Answers how
-/// many went out, in order, and what becomes of the next
-/// one: worth retrying, it and the rest are queued for the sender like any reply (this
-/// attempt counting as its first); failed for good, it is dead-lettered and the rest are
-/// queued.
+/// many went out, in order, and what becomes of the next one: worth retrying, it and the
+/// rest are queued for the sender like any reply (this attempt counting as its first);
+/// failed for good, it is dead-lettered and the rest are queued.
 async fn send_at_once(p: &Pipeline, item: &InboxItem, outs: &mut [OutboundReply], claimed_at: Instant) -> (usize, SendAtOnce) {
     let queue = SendAtOnce::Queue;
     if outs.is_empty() || item.replies_queued || claimed_at.elapsed() > p.settings.lease / 2 || p.chain_claim(&item.channel_id).is_none() {
@@ -388,31 +388,36 @@ async fn complete(
         (sent, first) = send_at_once(p, item, &mut outs, claimed_at).await;
         outs.drain(..sent);
     }
-    let rows: Vec<NewOutbox> = outs
+    let mut rows: Vec<NewOutbox> = outs
         .iter()
-        .enumerate()
-        .map(|(i, out)| NewOutbox {
+        .map(|out| NewOutbox {
             reply_id: out.reply_id.clone(),
             channel_id: item.channel_id.clone(),
             conversation_id: item.conversation_id.clone(),
             payload: serde_json::to_string(out).unwrap_or_default(),
             received_at: item.received_at,
-            not_before: match &first {
-                SendAtOnce::Retry { not_before, .. } if i == 0 => *not_before,
-                _ => 0,
-            },
+            not_before: 0,
             held_by: hold.clone(),
-            attempts: u32::from(i == 0 && !matches!(first, SendAtOnce::Queue)),
-            last_error: match &first {
-                SendAtOnce::Retry { error, .. } if i == 0 => Some(error.clone()),
-                _ => None,
-            },
-            dead_letter: match &first {
-                SendAtOnce::Dead(reason) if i == 0 => Some(reason.clone()),
-                _ => None,
-            },
+            attempts: 0,
+            last_error: None,
+            dead_letter: None,
         })
         .collect();
+    // The first reply not sent at once may have been tried.
+    if let Some(row) = rows.first_mut() {
+        match first {
+            SendAtOnce::Queue => {}
+            SendAtOnce::Retry { not_before, error } => {
+                row.attempts = 1;
+                row.not_before = not_before;
+                row.last_error = Some(error);
+            }
+            SendAtOnce::Dead(reason) => {
+                row.attempts = 1;
+                row.dead_letter = Some(reason);
+            }
+        }
+    }
     let any_queued = rows.iter().any(|r| r.dead_letter.is_none()) && hold.is_none();
     // Only an assistant with an API key can push replies later
     // (`POST /api/v1/conversations/{id}/replies`), and only then is the conversation's address
