@@ -24,7 +24,7 @@ pub use ids::{ChannelId, ConversationId, HookId};
 pub use kv::{KvError, MemoryKv, SealedKv};
 pub use log::{ConversationLog, LogEntry, LogError, LogRange, MemoryLog};
 pub use message::{
-    Accepted, Attachment, Inbound, Inbox, InboxError, OutboundReply, QuickReply, Reply, User,
+    Accepted, Attachment, Inbound, Inbox, InboxError, OutboundReply, QuickReply, RawPayload, Reply, User,
     WaitOutcome,
 };
 pub use secret::{ct_eq, Secret};

@@ -166,7 +166,7 @@ impl Loopback {
             text: msg.text,
             addressed: true,
             route: serde_json::Value::Null,
-            raw: serde_json::from_slice(&bytes).unwrap_or_default(),
+            raw: std::str::from_utf8(&bytes).ok().and_then(patchbay_channel_core::RawPayload::parse).unwrap_or_default(),
             received_at: patchbay_channel_core::now_ms(),
         };
         if msg.wait {

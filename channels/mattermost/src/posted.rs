@@ -150,7 +150,8 @@ pub fn decide(me: &BotIdentity, rules: &Rules, post: &Post, w: &Where) -> Decisi
             "message": post.message,
             "create_at": post.create_at,
             "props": post.props,
-        }),
+        })
+        .into(),
         received_at: patchbay_channel_core::now_ms(),
     }))
 }

@@ -230,7 +230,7 @@ pub async fn handle(settings: &Settings, ctx: HookCtx, req: HttpRequest, body: w
             "post_id": payload.post_id,
             "trigger_word": payload.trigger_word,
         }),
-        raw: payload.raw(timestamp_ms),
+        raw: payload.raw(timestamp_ms).into(),
         received_at: patchbay_channel_core::now_ms(),
     };
     let unavailable = |e: patchbay_channel_core::InboxError| {

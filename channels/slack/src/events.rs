@@ -132,7 +132,7 @@ pub fn decide(body: &Value, rules: &Rules, identity: Option<&Identity>) -> Decis
             "event_id": slack_event_id,
             "event_type": kind,
         }),
-        raw,
+        raw: raw.into(),
         received_at: patchbay_channel_core::now_ms(),
     }))
 }
@@ -227,7 +227,7 @@ mod tests {
         assert_eq!(a.text, "is it a river?");
         assert_eq!(a.thread.as_deref(), Some("1515449522.000016"));
         assert_eq!(a.route["event_id"], "Ev1");
-        assert!(a.raw.get("token").is_none(), "the verification token is not passed on");
+        assert!(a.raw.to_value().get("token").is_none(), "the verification token is not passed on");
         assert!(a.addressed);
     }
 

@@ -3,7 +3,7 @@
 //! posts) only when the bot is @mentioned.
 
 use crate::presentation::to_text;
-use patchbay_channel_core::{now_ms, Inbound, User};
+use patchbay_channel_core::{now_ms, Inbound, RawPayload, User};
 use serde_json::Value;
 
 /// Who the bot is (`GET /pod/v2/sessioninfo`).
@@ -85,7 +85,7 @@ pub fn decide(event: Value, bot: &BotInfo) -> Decision {
         user: User { id: user_id, name },
         text: parsed.text,
         addressed: true,
-        raw: event,
+        raw: RawPayload::new(&event),
         received_at: now_ms(),
     }))
 }

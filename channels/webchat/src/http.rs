@@ -256,7 +256,7 @@ pub(crate) async fn take_message(
         text,
         addressed: true,
         route: json!({"via": via}),
-        raw: Value::Object(raw),
+        raw: Value::Object(raw).into(),
         received_at: patchbay_channel_core::now_ms(),
     };
     Ok((inbound, seq))
