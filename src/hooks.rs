@@ -6,16 +6,30 @@ use actix_web::{http::StatusCode, web, HttpRequest, HttpResponse};
 use patchbay_channel_core::{channel::error_response, ChannelId, HookCtx};
 use std::sync::atomic::Ordering;
 
+/// Splits what follows `/hooks` into the kind, the hook id and the rest (`""` or `/…`); `None`
+/// unless both are there and not empty.
+fn split_hook_path(rest: &str) -> Option<(&str, &str, &str)> {
+    let rest = rest.strip_prefix('/')?;
+    let (kind, rest) = rest.split_once('/')?;
+    let (hook, tail) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    // `/hooks/k/h/` is `/hooks/k/h`, as it was when the routes were patterns.
+    let tail = if tail == "/" { "" } else { tail };
+    (!kind.is_empty() && !hook.is_empty()).then_some((kind, hook, tail))
+}
+
 pub async fn handle(req: HttpRequest, body: web::Payload, state: web::Data<AppState>) -> HttpResponse {
-    let kind = req.match_info().get("kind").unwrap_or_default().to_owned();
-    let hook = req.match_info().get("hook_id").unwrap_or_default().to_owned();
-    let tail = req.match_info().get("tail").unwrap_or_default();
-    let subpath = if tail.is_empty() { String::new() } else { format!("/{tail}") };
-    let snap = state.registry.snapshot();
-    let Some(entry) = snap.by_hook.get(&(kind, hook)).cloned() else {
+    let path = req.path();
+    let found = path.strip_prefix("/hooks").and_then(split_hook_path).and_then(|(kind, hook, tail)| {
+        let snap = state.registry.snapshot();
+        let entry = snap.by_hook.get(&(kind.to_owned(), hook.to_owned())).cloned();
+        entry.map(|e| (e, tail.to_owned()))
+    });
+    let Some((entry, subpath)) = found else {
         return error_response(StatusCode::NOT_FOUND, "unknown_hook", "no channel has this callback URL", None);
     };
-    drop(snap);
     let Some(instance) = entry.instance.clone() else {
         return error_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -40,4 +54,20 @@ pub async fn handle(req: HttpRequest, body: web::Payload, state: web::Data<AppSt
             .fetch_add(1, Ordering::Relaxed);
     }
     instance.handle_hook(ctx, req, body).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_hook_path;
+
+    #[test]
+    fn a_hook_path_splits_into_kind_hook_and_the_rest() {
+        assert_eq!(split_hook_path("/slack/abc"), Some(("slack", "abc", "")));
+        assert_eq!(split_hook_path("/slack/abc/"), Some(("slack", "abc", "")));
+        assert_eq!(split_hook_path("/webchat/abc/api/messages"), Some(("webchat", "abc", "/api/messages")));
+        assert_eq!(split_hook_path("/slack/abc/oauth/callback/"), Some(("slack", "abc", "/oauth/callback/")));
+        for no in ["", "/", "/slack", "/slack/", "//abc", "slack/abc"] {
+            assert_eq!(split_hook_path(no), None, "{no:?}");
+        }
+    }
 }

@@ -111,8 +111,9 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken
         App::new()
             .app_data(state.clone())
             .configure(admin::routes)
-            .route("/hooks/{kind}/{hook_id}", web::to(crate::hooks::handle))
-            .route("/hooks/{kind}/{hook_id}/{tail:.*}", web::to(crate::hooks::handle))
+            // A static prefix, split by hand in `hooks::handle`: every platform event comes
+            // this way, and a pattern with `{kind}/{hook_id}` costs a regex match per request.
+            .service(web::scope("/hooks").default_service(web::to(crate::hooks::handle)))
             .route("/healthz", web::get().to(|| async { HttpResponse::Ok().json(serde_json::json!({"status": "ok"})) }))
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(metrics_page))

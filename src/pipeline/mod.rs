@@ -117,7 +117,7 @@ pub fn conversation_id(channel: &str, platform_conversation: &str, thread: Optio
         h.update(part.as_bytes());
         h.update([0]);
     }
-    ConversationId::from_trusted(format!("c_{}", &hex::encode(h.finalize())[..32]))
+    ConversationId::from_trusted(format!("c_{}", hex::encode(&h.finalize()[..16])))
 }
 
 pub use patchbay_channel_core::ids::{message_id, reply_id};

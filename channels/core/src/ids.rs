@@ -99,14 +99,14 @@ impl fmt::Display for ConversationId {
     }
 }
 
-/// `len` characters of lowercase base32 from the OS-seeded CSPRNG (5 bits each).
+/// 24 hex characters of SHA-256 over (channel, platform event id): the same for a redelivery.
 fn event_hash(channel: &str, event_id: &str) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(channel.as_bytes());
     h.update([0]);
     h.update(event_id.as_bytes());
-    hex::encode(h.finalize())[..24].to_owned()
+    hex::encode(&h.finalize()[..12])
 }
 
 /// The stable id of a message (channel, platform event id), as its assistant sees it.
@@ -121,6 +121,7 @@ pub fn reply_id(channel: &str, event_id: &str, index: usize) -> String {
     format!("r_{}_{index}", event_hash(channel, event_id))
 }
 
+/// `len` characters of lowercase base32 from the OS-seeded CSPRNG (5 bits each).
 pub fn random_token(len: usize) -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
     let mut rng = rand::thread_rng();
