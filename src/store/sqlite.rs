@@ -102,7 +102,71 @@ const MIGRATIONS: &[&str] = &[
         channel_id TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, expires_at INTEGER,
         PRIMARY KEY (channel_id, key)) WITHOUT ROWID;
     "#,
+    // 4: the conversation logs again, laid out for appends (see `log_append`): entries in one
+    // rowid table in the order they were written, found per conversation through a small
+    // index of integers; conversations numbered in a table of their own. Migration 2's rows
+    // are copied, then its tables dropped; `fill_key_hashes` completes the copy.
+    r#"
+    CREATE TABLE log_conversations (
+        id INTEGER PRIMARY KEY, channel_id TEXT NOT NULL, conversation TEXT NOT NULL,
+        last_seq INTEGER NOT NULL, UNIQUE (channel_id, conversation));
+    INSERT INTO log_conversations (channel_id, conversation, last_seq)
+        SELECT channel_id, conversation, last_seq FROM conversation_log_heads ORDER BY channel_id, conversation;
+    CREATE TABLE log_entries (
+        id INTEGER PRIMARY KEY, conversation INTEGER NOT NULL, seq INTEGER NOT NULL,
+        key_hash INTEGER, key TEXT, body TEXT NOT NULL, at INTEGER NOT NULL);
+    INSERT INTO log_entries (conversation, seq, key, body, at)
+        SELECT h.id, l.seq, l.key, l.body, l.at FROM conversation_log l
+        JOIN log_conversations h ON h.channel_id = l.channel_id AND h.conversation = l.conversation
+        ORDER BY l.at, h.id, l.seq;
+    CREATE INDEX log_entries_seq ON log_entries (conversation, seq, key_hash);
+    CREATE INDEX log_entries_at ON log_entries (at);
+    DROP TABLE conversation_log;
+    DROP TABLE conversation_log_heads;
+    "#,
 ];
+
+/// Steps of a migration that SQL alone cannot do, run in its transaction after its SQL.
+fn after_migration(tx: &Connection, version: usize) -> StoreResult<()> {
+    if version == 4 {
+        fill_key_hashes(tx)?;
+    }
+    Ok(())
+}
+
+/// Gives every copied log entry with a key its `key_hash` (migration 4).
+fn fill_key_hashes(c: &Connection) -> StoreResult<()> {
+    let keyed: Vec<(i64, String)> = c
+        .prepare("SELECT id, key FROM log_entries WHERE key IS NOT NULL AND key_hash IS NULL")
+        .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+        .map_err(db)?;
+    let mut update = c.prepare("UPDATE log_entries SET key_hash = ?1 WHERE id = ?2").map_err(db)?;
+    for (id, key) in keyed {
+        update.execute(params![key_hash(&key), id]).map_err(db)?;
+    }
+    Ok(())
+}
+
+/// How far back in a conversation an append looks for its key: a retried delivery comes
+/// within a few entries of the first one, and the look-back reads only the conversation's
+/// newest index entries, never its rows (unless a hash matches).
+const LOG_KEY_WINDOW: i64 = 64;
+
+/// Rows one prune job removes at most; the log is pruned in jobs of this size so that no
+/// commit holds the writer for long.
+const LOG_PRUNE_CHUNK: i64 = 5000;
+
+/// A stable 64-bit hash of a log key (FNV-1a): kept in the index beside each entry's number,
+/// so an append can look for its key without reading rows. A match is checked against the key
+/// itself.
+fn key_hash(key: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h as i64
+}
 
 pub struct SqliteStore {
     tx: Mutex<mpsc::Sender<Job>>,
@@ -235,6 +299,7 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
         let tx = conn.transaction().map_err(db)?;
         tx.execute_batch(sql).map_err(|e| StoreError::Db(format!("migration {}: {e}", i + 1)))?;
+        after_migration(&tx, i + 1).map_err(|e| StoreError::Db(format!("migration {}: {e}", i + 1)))?;
         tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(db)?;
         tx.commit().map_err(db)?;
     }
@@ -1045,29 +1110,49 @@ impl Store for SqliteStore {
 
     async fn log_append(&self, channel: &str, conversation: &str, key: Option<String>, body: String, at: i64) -> StoreResult<i64> {
         let (channel, conversation) = (channel.to_owned(), conversation.to_owned());
+        // Laid out so that an append dirties as few pages as it can (each dirty page is 4 KiB
+        // more in the WAL at the commit, and appends of a thousand conversations share a
+        // commit): the entry goes at the end of `log_entries`, beside the other entries of the
+        // same commit; the only page of its own is the conversation's leaf of the small
+        // (conversation, seq, key_hash) index. The key is looked for in that same leaf.
         self.run(move |c| {
-            if let Some(k) = &key {
-                let existing: Option<i64> = c
-                    .prepare_cached("SELECT seq FROM conversation_log WHERE channel_id = ?1 AND conversation = ?2 AND key = ?3")
-                    .and_then(|mut s| s.query_row(params![channel, conversation, k], |r| r.get(0)).optional())
-                    .map_err(db)?;
-                if let Some(seq) = existing {
-                    return Ok(seq);
-                }
-            }
-            let seq: i64 = c
-                .prepare_cached(
-                    "INSERT INTO conversation_log_heads (channel_id, conversation, last_seq) VALUES (?1, ?2, 1)
-                     ON CONFLICT (channel_id, conversation) DO UPDATE SET last_seq = last_seq + 1
-                     RETURNING last_seq",
-                )
-                .and_then(|mut s| s.query_row(params![channel, conversation], |r| r.get(0)))
+            let head: Option<(i64, i64)> = c
+                .prepare_cached("SELECT id, last_seq FROM log_conversations WHERE channel_id = ?1 AND conversation = ?2")
+                .and_then(|mut s| s.query_row(params![channel, conversation], |r| Ok((r.get(0)?, r.get(1)?))).optional())
                 .map_err(db)?;
-            c.prepare_cached(
-                "INSERT INTO conversation_log (channel_id, conversation, seq, key, body, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )
-            .and_then(|mut s| s.execute(params![channel, conversation, seq, key, body, at]))
-            .map_err(db)?;
+            let hash = key.as_deref().map(key_hash);
+            let (conv, seq) = match head {
+                Some((conv, last)) => {
+                    if let (Some(k), Some(h)) = (&key, hash) {
+                        let existing: Option<i64> = c
+                            .prepare_cached(
+                                "SELECT seq FROM log_entries WHERE conversation = ?1 AND seq > ?2 AND key_hash = ?3 AND key = ?4
+                                 ORDER BY seq LIMIT 1",
+                            )
+                            .and_then(|mut s| s.query_row(params![conv, last - LOG_KEY_WINDOW, h, k], |r| r.get(0)).optional())
+                            .map_err(db)?;
+                        if let Some(seq) = existing {
+                            return Ok(seq);
+                        }
+                    }
+                    c.prepare_cached("UPDATE log_conversations SET last_seq = ?2 WHERE id = ?1")
+                        .and_then(|mut s| s.execute(params![conv, last + 1]))
+                        .map_err(db)?;
+                    (conv, last + 1)
+                }
+                None => {
+                    let conv: i64 = c
+                        .prepare_cached(
+                            "INSERT INTO log_conversations (channel_id, conversation, last_seq) VALUES (?1, ?2, 1) RETURNING id",
+                        )
+                        .and_then(|mut s| s.query_row(params![channel, conversation], |r| r.get(0)))
+                        .map_err(db)?;
+                    (conv, 1)
+                }
+            };
+            c.prepare_cached("INSERT INTO log_entries (conversation, seq, key_hash, key, body, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+                .and_then(|mut s| s.execute(params![conv, seq, hash, key, body, at]))
+                .map_err(db)?;
             Ok(seq)
         })
         .await
@@ -1083,21 +1168,24 @@ impl Store for SqliteStore {
                     body: serde_json::from_str(&r.get::<_, String>(2)?).unwrap_or_default(),
                 })
             };
+            let conv: Option<i64> = c
+                .prepare_cached("SELECT id FROM log_conversations WHERE channel_id = ?1 AND conversation = ?2")
+                .and_then(|mut s| s.query_row(params![channel, conversation], |r| r.get(0)).optional())
+                .map_err(db)?;
+            let Some(conv) = conv else { return Ok(Vec::new()) };
             let mut rows = match range {
                 LogRange::After(after) => c
                     .prepare_cached(
-                        "SELECT seq, at, body FROM conversation_log WHERE channel_id = ?1 AND conversation = ?2 AND seq > ?3
-                         ORDER BY seq LIMIT ?4",
+                        "SELECT seq, at, body FROM log_entries WHERE conversation = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
                     )
-                    .and_then(|mut s| s.query_map(params![channel, conversation, after, limit as i64], row)?.collect())
+                    .and_then(|mut s| s.query_map(params![conv, after, limit as i64], row)?.collect())
                     .map_err(db)?,
                 LogRange::Before(before) => c
                     .prepare_cached(
-                        "SELECT seq, at, body FROM conversation_log WHERE channel_id = ?1 AND conversation = ?2 AND seq < ?3
-                         ORDER BY seq DESC LIMIT ?4",
+                        "SELECT seq, at, body FROM log_entries WHERE conversation = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
                     )
                     .and_then(|mut s| {
-                        s.query_map(params![channel, conversation, before.unwrap_or(i64::MAX), limit as i64], row)?
+                        s.query_map(params![conv, before.unwrap_or(i64::MAX), limit as i64], row)?
                             .collect::<rusqlite::Result<Vec<_>>>()
                     })
                     .map(|mut v: Vec<LogEntry>| {
@@ -1113,14 +1201,28 @@ impl Store for SqliteStore {
     }
 
     async fn log_prune(&self, channel: &str, before: i64) -> StoreResult<u64> {
-        let channel = channel.to_owned();
-        self.run(move |c| {
-            let n = c
-                .execute("DELETE FROM conversation_log WHERE channel_id = ?1 AND at < ?2", params![channel, before])
-                .map_err(db)?;
-            Ok(n as u64)
-        })
-        .await
+        // In jobs of at most LOG_PRUNE_CHUNK rows: a first prune of a large log must not hold
+        // the writer (and every acknowledgement behind it) for seconds.
+        let mut total = 0;
+        loop {
+            let channel = channel.to_owned();
+            let n = self
+                .run(move |c| {
+                    c.prepare_cached(
+                        "DELETE FROM log_entries WHERE id IN (
+                           SELECT e.id FROM log_entries e WHERE e.at < ?2
+                             AND e.conversation IN (SELECT id FROM log_conversations WHERE channel_id = ?1)
+                           LIMIT ?3)",
+                    )
+                    .and_then(|mut s| s.execute(params![channel, before, LOG_PRUNE_CHUNK]))
+                    .map_err(db)
+                })
+                .await? as u64;
+            total += n;
+            if n < LOG_PRUNE_CHUNK as u64 {
+                return Ok(total);
+            }
+        }
     }
 
     async fn kv_get(&self, channel: &str, key: &str, now: i64) -> StoreResult<Option<Vec<u8>>> {
@@ -1267,6 +1369,62 @@ mod tests {
         // The log survives a restart, and migration 2 is not applied twice.
         let store = SqliteStore::open(&path, SqliteSynchronous::Normal).unwrap();
         assert_eq!(store.log_append("web", "u1", None, "{}".into(), 11).await.unwrap(), 7);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_log_key_is_recognised_within_its_window_and_prunes_run_in_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db"), SqliteSynchronous::Normal).unwrap();
+        assert_eq!(store.log_append("web", "u1", Some("first".into()), "{}".into(), 1).await.unwrap(), 1);
+        for i in 0..LOG_KEY_WINDOW - 1 {
+            store.log_append("web", "u1", Some(format!("k{i}")), "{}".into(), 1).await.unwrap();
+        }
+        // `first` is the oldest entry still in the window: recognised.
+        assert_eq!(store.log_append("web", "u1", Some("first".into()), "{}".into(), 2).await.unwrap(), 1);
+        store.log_append("web", "u1", None, "{}".into(), 2).await.unwrap();
+        // One entry later it is out of the window: a key that old is a new entry.
+        assert_eq!(store.log_append("web", "u1", Some("first".into()), "{}".into(), 2).await.unwrap(), LOG_KEY_WINDOW + 2);
+        // A prune larger than one chunk removes everything it should, in several jobs.
+        let many = LOG_PRUNE_CHUNK as usize + 10;
+        for i in 0..many {
+            store.log_append("web", &format!("c{}", i % 7), None, "{}".into(), 5).await.unwrap();
+        }
+        store.log_append("other", "c1", None, "{}".into(), 5).await.unwrap();
+        assert_eq!(store.log_prune("web", 6).await.unwrap(), (many + LOG_KEY_WINDOW as usize + 2) as u64);
+        assert_eq!(store.log_read("other", "c1", LogRange::After(0), 10).await.unwrap().len(), 1, "another channel's entries stay");
+        assert_eq!(store.log_append("web", "c3", None, "{}".into(), 7).await.unwrap(), (0..many).filter(|i| i % 7 == 3).count() as i64 + 1, "numbers go on");
+        store.close().await;
+    }
+
+    /// A database written by a build with migration 2's log (schema 3) keeps its history,
+    /// numbers and keys when migration 4 lays the log out again.
+    #[tokio::test]
+    async fn migration_4_keeps_the_logs_of_schema_3() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..3] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.execute_batch(
+                r#"PRAGMA user_version = 3;
+                INSERT INTO conversation_log_heads VALUES ('web', 'u1', 9), ('web', 'u2', 1);
+                INSERT INTO conversation_log VALUES
+                  ('web', 'u1', 7, 'r7', '{"n":7}', 70), ('web', 'u1', 8, NULL, '{"n":8}', 80),
+                  ('web', 'u1', 9, 'r9', '{"n":9}', 90), ('web', 'u2', 1, 'x', '{"n":1}', 75);"#,
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path, SqliteSynchronous::Normal).unwrap();
+        let u1 = store.log_read("web", "u1", LogRange::After(0), 10).await.unwrap();
+        assert_eq!(u1.iter().map(|e| (e.seq, e.at)).collect::<Vec<_>>(), vec![(7, 70), (8, 80), (9, 90)]);
+        assert_eq!(u1[2].body, serde_json::json!({"n": 9}));
+        assert_eq!(store.log_append("web", "u1", Some("r7".into()), "{}".into(), 100).await.unwrap(), 7, "keys carried over");
+        assert_eq!(store.log_append("web", "u1", None, "{}".into(), 100).await.unwrap(), 10, "numbering carried over");
+        assert_eq!(store.log_append("web", "u2", Some("x".into()), "{}".into(), 100).await.unwrap(), 1);
+        assert_eq!(store.log_read("web", "u2", LogRange::Before(None), 10).await.unwrap().len(), 1);
         store.close().await;
     }
 
