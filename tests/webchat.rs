@@ -166,6 +166,16 @@ async fn socket_speaks_botkit_and_refuses_bad_frames_keeping_the_socket() {
     let echo = s.next_of("message").await;
     assert_eq!(echo["text"], "echo: hello there");
     assert_eq!(echo["to"], user.as_str());
+    assert!(received["seq"].as_i64().unwrap() < echo["seq"].as_i64().unwrap(), "the message is logged before its reply");
+    // The same client id again (a client retrying after a lost `received`): stored once,
+    // answered once.
+    s.send(json!({"type": "message", "text": "hello there", "user": "botkit-cookie-guid", "id": "m1"})).await;
+    let again = s.next_of("received").await;
+    assert_eq!((again["id"].clone(), again["duplicate"].clone()), (json!("m1"), json!(true)), "{again}");
+    s.send(json!({"type": "message", "text": "and then", "user": "botkit-cookie-guid", "id": "m2"})).await;
+    let next = s.next_of("message").await;
+    assert_eq!(next["text"], "echo: and then", "no second echo of m1 came first");
+    assert_eq!(next["seq"].as_i64().unwrap(), echo["seq"].as_i64().unwrap() + 2, "m1 was not logged again");
 
     // Bad frames: each answered with an error frame; the socket stays usable.
     for (frame, code) in [
@@ -185,12 +195,12 @@ async fn socket_speaks_botkit_and_refuses_bad_frames_keeping_the_socket() {
     assert_eq!(s.next_of("error").await["code"], "user_mismatch");
     s.send(json!({"type": "message", "text": "still here"})).await;
     assert_eq!(s.next_of("message").await["text"], "echo: still here");
-    // Nothing of the refused frames reached the assistant: the history has exactly the two
-    // exchanges.
+    // Nothing of the refused frames (nor the repeat of m1) reached the assistant: the history
+    // has exactly the three exchanges.
     let resp = http().get(format!("{base}/history")).bearer_auth(&token).send().await.unwrap();
     let h: Value = resp.json().await.unwrap();
     let texts: Vec<&str> = h["messages"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap()).collect();
-    assert_eq!(texts, vec!["hello there", "echo: hello there", "still here", "echo: still here"]);
+    assert_eq!(texts, vec!["hello there", "echo: hello there", "and then", "echo: and then", "still here", "echo: still here"]);
 
     // A message before hello, without a token: refused.
     let mut anon = Socket::open(&base).await;

@@ -5,7 +5,7 @@
 use super::sender::Attempt;
 use super::{claim_loop, conversation_id, message_id, reply_id, Pipeline};
 use crate::assistants::{AssistantError, AssistantEvent, AssistantRequest, ChannelRef, ConversationRef};
-use crate::store::{ConversationRecord, InboxItem, NewOutbox, StoreError};
+use crate::store::{ConversationRecord, InboxItem, NewLogEntry, NewOutbox, StoreError};
 use futures_util::StreamExt;
 use patchbay_channel_core::{ChannelId, Inbound, OutboundReply, Reply};
 use std::sync::atomic::Ordering;
@@ -382,6 +382,27 @@ async fn complete(
             out
         })
         .collect();
+    // A kind whose delivery is a log entry (web chat) has its replies appended in the commit
+    // that completes the message: nothing is queued, held or sent. Not when replies of the
+    // conversation are still queued (these must come after them) nor for a streamed draft.
+    let instance = p.registry.snapshot().channels.get(&item.channel_id).and_then(|c| c.instance.clone());
+    let mut logged: Vec<(OutboundReply, serde_json::Value)> = Vec::new();
+    if let Some(instance) = instance.as_ref().filter(|_| !item.replies_queued && outs.iter().all(|o| o.draft.is_none())) {
+        let entries: Option<Vec<serde_json::Value>> = outs.iter().map(|o| instance.log_entry(o)).collect();
+        if let Some(entries) = entries {
+            logged = outs.drain(..).zip(entries).collect();
+        }
+    }
+    let logs: Vec<NewLogEntry> = logged
+        .iter()
+        .map(|(out, entry)| NewLogEntry {
+            channel_id: item.channel_id.clone(),
+            conversation: out.platform_conversation.clone(),
+            key: out.reply_id.clone(),
+            body: entry.to_string(),
+            at: now,
+        })
+        .collect();
     let mut first = SendAtOnce::Queue;
     if hold.is_none() {
         let sent;
@@ -440,7 +461,17 @@ async fn complete(
     };
     let send = sender.as_ref().map(|(_, _, send_owner, at)| (send_owner.clone(), at.clone()));
     let n = rows.len();
-    let (next, sending) = p.store.inbox_complete(item.id, owner, rows, item.conversation_id.clone(), remember, next, send).await?;
+    let done = p.store.inbox_complete(item.id, owner, rows, logs, item.conversation_id.clone(), remember, next, send).await?;
+    let (next, sending) = (done.next, done.sending);
+    if let Some(instance) = instance.filter(|_| !logged.is_empty()) {
+        let m = p.metrics.channel(&item.channel_id);
+        for ((out, entry), seq) in logged.into_iter().zip(done.logged) {
+            instance.logged(&out, entry, seq);
+            m.delivered.fetch_add(1, Ordering::Relaxed);
+            m.end_to_end_latency
+                .observe(Duration::from_millis((patchbay_channel_core::now_ms() - item.received_at).max(0) as u64));
+        }
+    }
     let any_queued = match (sending, sender) {
         (Some(reply), Some((arc, slot, send_owner, _))) => {
             p.rt.spawn(async move {
@@ -453,7 +484,8 @@ async fn complete(
     };
     if let (Some(tx), Some((holder, _))) = (waiter, hold) {
         let handed = tx.send(replies).is_ok();
-        if handed {
+        // (Logged replies were counted above.)
+        if handed && n > 0 {
             let m = p.metrics.channel(&item.channel_id);
             m.delivered.fetch_add(n as u64, Ordering::Relaxed);
             m.end_to_end_latency

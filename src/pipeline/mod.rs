@@ -230,13 +230,14 @@ impl Pipeline {
         }
     }
 
-    fn new_inbox(channel: &ChannelId, i: &Inbound) -> Result<NewInbox, InboxError> {
+    fn new_inbox(channel: &ChannelId, i: &Inbound, log: Option<&serde_json::Value>) -> Result<NewInbox, InboxError> {
         Ok(NewInbox {
             channel_id: channel.as_str().to_owned(),
             event_id: i.event_id.clone(),
             conversation_id: conversation_id(channel.as_str(), &i.platform_conversation, i.thread.as_deref()).to_string(),
             payload: serde_json::to_string(i).map_err(|e| InboxError::Unavailable(e.to_string()))?,
             received_at: i.received_at,
+            log: log.map(|entry| (i.platform_conversation.clone(), entry.to_string())),
         })
     }
 
@@ -259,8 +260,21 @@ impl Pipeline {
     /// their conversation has a message before them) wait for the dispatcher's claims, so a
     /// burst never holds leases while waiting.
     async fn put(&self, channel: &ChannelId, inbound: Vec<Inbound>) -> Result<Vec<Accepted>, InboxError> {
+        self.put_logged(channel, inbound, None).await.map(|(accepted, _)| accepted)
+    }
+
+    /// `put`, with a log entry for a single message (see `Inbox::accept_logged`).
+    async fn put_logged(
+        &self,
+        channel: &ChannelId,
+        inbound: Vec<Inbound>,
+        entry: Option<serde_json::Value>,
+    ) -> Result<(Vec<Accepted>, Vec<Option<i64>>), InboxError> {
         let started = Instant::now();
-        let items = inbound.iter().map(|i| Self::new_inbox(channel, i)).collect::<Result<Vec<_>, InboxError>>()?;
+        let items = inbound
+            .iter()
+            .map(|i| Self::new_inbox(channel, i, entry.as_ref()))
+            .collect::<Result<Vec<_>, InboxError>>()?;
         let received = items.len();
         // A paused (disabled) channel's work is held, not answered: it queues.
         let enabled = self.registry.snapshot().channels.get(channel.as_str()).is_some_and(|c| c.record.enabled);
@@ -279,7 +293,7 @@ impl Pipeline {
             lease_until: claim.lease_until,
             limit: slots.len(),
         });
-        let (accepted, claimed) = self
+        let (accepted, claimed, logged) = self
             .store
             .inbox_put(items, dedupe_until, put_claim)
             .await
@@ -301,7 +315,7 @@ impl Pipeline {
                 });
             }
         }
-        Ok(accepted)
+        Ok((accepted, logged))
     }
 }
 
@@ -310,6 +324,16 @@ impl Inbox for Pipeline {
     async fn accept(&self, channel: &ChannelId, inbound: Inbound) -> Result<Accepted, InboxError> {
         let mut out = self.put(channel, vec![inbound]).await?;
         Ok(out.pop().unwrap_or(Accepted::Duplicate))
+    }
+
+    async fn accept_logged(
+        &self,
+        channel: &ChannelId,
+        inbound: Inbound,
+        entry: serde_json::Value,
+    ) -> Result<(Accepted, Option<i64>), InboxError> {
+        let (mut accepted, mut logged) = self.put_logged(channel, vec![inbound], Some(entry)).await?;
+        Ok((accepted.pop().unwrap_or(Accepted::Duplicate), logged.pop().flatten()))
     }
 
     async fn accept_batch(&self, channel: &ChannelId, inbound: Vec<Inbound>) -> Result<Vec<Accepted>, InboxError> {
@@ -356,7 +380,7 @@ impl Inbox for Pipeline {
             Ok(Err(_)) => None,
             Err(_) => {
                 let why = format!("no capacity to answer within {} ms (pipeline.concurrency is busy)", timeout.as_millis());
-                let record = Self::new_inbox(channel, &inbound)?;
+                let record = Self::new_inbox(channel, &inbound, None)?;
                 if let Err(e) = self.store.dead_letter_put(record, 0, why).await {
                     tracing::error!(channel = %channel, error = %e, "the dead letter could not be recorded");
                 }
@@ -394,7 +418,7 @@ impl Inbox for Pipeline {
         };
         self.metrics.channel(channel.as_str()).failed.fetch_add(1, Ordering::Relaxed);
         tracing::error!(channel = %channel, event = %item.event_id, reason = %why, "message dead-lettered");
-        let record = Self::new_inbox(channel, &inbound)?;
+        let record = Self::new_inbox(channel, &inbound, None)?;
         if let Err(e) = self.store.dead_letter_put(record, item.attempts, why).await {
             tracing::error!(channel = %channel, error = %e, "the dead letter could not be recorded");
         }
@@ -407,11 +431,35 @@ impl Inbox for Pipeline {
         inbound: Inbound,
         timeout: Duration,
     ) -> Result<WaitOutcome, InboxError> {
+        self.wait_for_answer(channel, inbound, None, timeout).await
+    }
+
+    async fn accept_logged_and_wait(
+        &self,
+        channel: &ChannelId,
+        inbound: Inbound,
+        entry: serde_json::Value,
+        timeout: Duration,
+    ) -> Result<WaitOutcome, InboxError> {
+        self.wait_for_answer(channel, inbound, Some(entry), timeout).await
+    }
+}
+
+impl Pipeline {
+    /// Stores the message (with its log entry, if any) and waits up to `timeout` for its
+    /// replies (`Inbox::accept_and_wait`).
+    async fn wait_for_answer(
+        &self,
+        channel: &ChannelId,
+        inbound: Inbound,
+        entry: Option<serde_json::Value>,
+        timeout: Duration,
+    ) -> Result<WaitOutcome, InboxError> {
         let key = (channel.as_str().to_owned(), inbound.event_id.clone());
         let (tx, rx) = oneshot::channel();
         self.waiters.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), tx);
-        let accepted = match self.put(channel, vec![inbound]).await {
-            Ok(mut a) => a.pop().unwrap_or(Accepted::Duplicate),
+        let accepted = match self.put_logged(channel, vec![inbound], entry).await {
+            Ok((mut a, _)) => a.pop().unwrap_or(Accepted::Duplicate),
             Err(e) => {
                 self.forget_waiter(&key);
                 return Err(e);

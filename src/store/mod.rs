@@ -112,6 +112,31 @@ pub struct NewInbox {
     /// The `Inbound` as JSON.
     pub payload: String,
     pub received_at: i64,
+    /// A log entry to append with the message when it is new: (conversation, entry as JSON
+    /// text), keyed by the event id.
+    pub log: Option<(String, String)>,
+}
+
+/// A conversation-log entry appended by the commit that completes a message.
+#[derive(Clone, Debug)]
+pub struct NewLogEntry {
+    pub channel_id: String,
+    pub conversation: String,
+    pub key: String,
+    /// The entry as JSON text.
+    pub body: String,
+    pub at: i64,
+}
+
+/// What completing a message also did in its commit.
+#[derive(Debug, Default)]
+pub struct Completed {
+    /// The conversation's next message, claimed along.
+    pub next: Option<InboxItem>,
+    /// The first of these replies, claimed for sending at once.
+    pub sending: Option<OutboxItem>,
+    /// The numbers the `logs` got, in order.
+    pub logged: Vec<i64>,
 }
 
 #[derive(Clone, Debug)]
@@ -257,7 +282,10 @@ pub trait Store: Send + Sync + 'static {
     /// within the dedupe window (`dedupe_until` is when this sighting expires). With `claim`,
     /// the same commit claims up to `claim.limit` of the new ones whose conversation has
     /// nothing else in the inbox (the others are answered in their turn).
-    async fn inbox_put(&self, items: Vec<NewInbox>, dedupe_until: i64, claim: Option<PutClaim>) -> StoreResult<(Vec<Accepted>, Vec<InboxItem>)>;
+    /// A new message's `log` entry is appended in the same commit; the third list answers its
+    /// number, for each message in order (`None`: no entry, or a duplicate).
+    #[allow(clippy::type_complexity)]
+    async fn inbox_put(&self, items: Vec<NewInbox>, dedupe_until: i64, claim: Option<PutClaim>) -> StoreResult<(Vec<Accepted>, Vec<InboxItem>, Vec<Option<i64>>)>;
     async fn inbox_claim(&self, claim: Claim) -> StoreResult<Vec<InboxItem>>;
     /// Removes the answered message and queues its replies, atomically. With `next`, the
     /// same commit claims the next message of the conversation (when it is due and free)
@@ -265,17 +293,21 @@ pub trait Store: Send + Sync + 'static {
     /// `send`, it also claims the conversation's first queued reply under `send`'s owner when
     /// that is one of these replies (nothing of the conversation queued before them), so it
     /// can be sent at once. `remember` records (or refreshes) the conversation, for
-    /// assistants that may push replies to it later.
+    /// assistants that may push replies to it later. `logs` are appended to their
+    /// conversation logs in the same commit (replies whose delivery is a log entry), and
+    /// their numbers answered in order.
+    #[allow(clippy::too_many_arguments)]
     async fn inbox_complete(
         &self,
         id: i64,
         owner: &str,
         replies: Vec<NewOutbox>,
+        logs: Vec<NewLogEntry>,
         conversation_id: String,
         remember: Option<ConversationRecord>,
         next: Option<ChainClaim>,
         send: Option<(String, ChainClaim)>,
-    ) -> StoreResult<(Option<InboxItem>, Option<OutboxItem>)>;
+    ) -> StoreResult<Completed>;
     /// Gives the message back for another attempt no sooner than `next_at`.
     async fn inbox_release(&self, id: i64, owner: &str, next_at: i64, error: &str) -> StoreResult<()>;
     async fn inbox_dead(&self, id: i64, owner: &str, reason: &str) -> StoreResult<()>;

@@ -34,9 +34,18 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(1
 /// WAL starts over on its own after the checkpointer's next pass.
 const WAL_RESTART_PAGES: i64 = 256 * 1024;
 
-/// The WAL file is cut back to this size when it restarts (it keeps its largest size
-/// otherwise).
-const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
+/// Past this size the WAL file is cut back (to nothing) once the store has been idle for
+/// `WAL_IDLE_TICKS` checkpointer passes. Not while it is busy: SQLite's own limit
+/// (`journal_size_limit`) cuts the file at each restart, and under load each cut freed
+/// hundreds of MB of blocks while the writer waited (web chat echo: writer stalls of 300+
+/// ms), and then every block of the regrown file was new to the file system again (the
+/// kernel zeroing fresh blocks took ~10% of the writer's CPU). So while busy the file keeps
+/// its largest size, at most about `WAL_RESTART_PAGES`.
+const WAL_SIZE_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// Checkpointer passes (CHECKPOINT_EVERY each) without a commit after which the store counts
+/// as idle: 5 s.
+const WAL_IDLE_TICKS: u32 = 50;
 
 /// The most jobs one commit takes: bounds the latency a job can add to its neighbours.
 const MAX_GROUP: usize = 2048;
@@ -200,8 +209,7 @@ impl SqliteStore {
         // writer, and with it every acknowledgement, for milliseconds whenever the WAL passes
         // 1000 pages. A checkpointer thread of its own does them instead, passively (it never
         // blocks the writer), every CHECKPOINT_EVERY.
-        conn.execute_batch(&format!("PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};"))
-            .map_err(db)?;
+        conn.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = -1;").map_err(db)?;
         let wal = Arc::new(AtomicI64::new(0));
         // SAFETY: the hook's context is the counter, which `writer` keeps alive until after
         // the connection is dropped; the hook only stores a number.
@@ -211,16 +219,28 @@ impl SqliteStore {
         if checkpointer && path != Path::new(":memory:") {
             let checkpointer = Connection::open(path).map_err(db)?;
             checkpointer.execute_batch("PRAGMA busy_timeout = 5000;").map_err(db)?;
+            let wal_file = std::path::PathBuf::from(format!("{}-wal", path.display()));
+            let commits = wal.clone();
             std::thread::Builder::new()
                 .name("patchbay-sqlite-ckpt".into())
-                .spawn(move || loop {
-                    std::thread::sleep(CHECKPOINT_EVERY);
-                    match checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                        Ok(()) => {}
-                        // The database was closed and removed (tests' temporary directories).
-                        Err(e) => {
-                            tracing::debug!(error = %e, "checkpointer stopped");
-                            return;
+                .spawn(move || {
+                    // The WAL hook's page count changes with every commit: unchanged, the
+                    // store was idle.
+                    let (mut last, mut idle) = (commits.load(Ordering::Relaxed), 0u32);
+                    loop {
+                        std::thread::sleep(CHECKPOINT_EVERY);
+                        let now = commits.load(Ordering::Relaxed);
+                        idle = if now == last { idle.saturating_add(1) } else { 0 };
+                        last = now;
+                        let large = || std::fs::metadata(&wal_file).map(|m| m.len() > WAL_SIZE_LIMIT).unwrap_or(false);
+                        let mode = if idle == WAL_IDLE_TICKS && large() { "TRUNCATE" } else { "PASSIVE" };
+                        match checkpointer.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(())) {
+                            Ok(()) => {}
+                            // The database was closed and removed (tests' temporary directories).
+                            Err(e) => {
+                                tracing::debug!(error = %e, "checkpointer stopped");
+                                return;
+                            }
                         }
                     }
                 })
@@ -609,6 +629,52 @@ fn insert_dead_letter(
     .map_err(db)
 }
 
+/// Appends to a conversation log (see `Store::log_append`).
+///
+/// Laid out so that an append dirties as few pages as it can (each dirty page is 4 KiB more in
+/// the WAL at the commit, and the appends of a thousand conversations share a commit): the
+/// entry goes at the end of `log_entries`, beside the other entries of the same commit; the
+/// only page of its own is the conversation's leaf of the small (conversation, seq, key_hash)
+/// index. The key is looked for in that same leaf.
+fn append_log(c: &Connection, channel: &str, conversation: &str, key: Option<&str>, body: &str, at: i64) -> StoreResult<i64> {
+    let head: Option<(i64, i64)> = c
+        .prepare_cached("SELECT id, last_seq FROM log_conversations WHERE channel_id = ?1 AND conversation = ?2")
+        .and_then(|mut s| s.query_row(params![channel, conversation], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        .map_err(db)?;
+    let hash = key.map(key_hash);
+    let (conv, seq) = match head {
+        Some((conv, last)) => {
+            if let (Some(k), Some(h)) = (key, hash) {
+                let existing: Option<i64> = c
+                    .prepare_cached(
+                        "SELECT seq FROM log_entries WHERE conversation = ?1 AND seq > ?2 AND key_hash = ?3 AND key = ?4
+                         ORDER BY seq LIMIT 1",
+                    )
+                    .and_then(|mut s| s.query_row(params![conv, last - LOG_KEY_WINDOW, h, k], |r| r.get(0)).optional())
+                    .map_err(db)?;
+                if let Some(seq) = existing {
+                    return Ok(seq);
+                }
+            }
+            c.prepare_cached("UPDATE log_conversations SET last_seq = ?2 WHERE id = ?1")
+                .and_then(|mut s| s.execute(params![conv, last + 1]))
+                .map_err(db)?;
+            (conv, last + 1)
+        }
+        None => {
+            let conv: i64 = c
+                .prepare_cached("INSERT INTO log_conversations (channel_id, conversation, last_seq) VALUES (?1, ?2, 1) RETURNING id")
+                .and_then(|mut s| s.query_row(params![channel, conversation], |r| r.get(0)))
+                .map_err(db)?;
+            (conv, 1)
+        }
+    };
+    c.prepare_cached("INSERT INTO log_entries (conversation, seq, key_hash, key, body, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+        .and_then(|mut s| s.execute(params![conv, seq, hash, key, body, at]))
+        .map_err(db)?;
+    Ok(seq)
+}
+
 fn upsert_conversation(conn: &Connection, c: &ConversationRecord) -> StoreResult<()> {
     conn.prepare_cached(
         "INSERT INTO conversations (id, channel_id, platform_conversation, thread, route, updated_at)
@@ -855,19 +921,25 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn inbox_put(&self, items: Vec<NewInbox>, dedupe_until: i64, claim: Option<PutClaim>) -> StoreResult<(Vec<Accepted>, Vec<InboxItem>)> {
+    async fn inbox_put(&self, items: Vec<NewInbox>, dedupe_until: i64, claim: Option<PutClaim>) -> StoreResult<(Vec<Accepted>, Vec<InboxItem>, Vec<Option<i64>>)> {
         self.run(move |c| {
             let mut seen = c.prepare_cached(DEDUPE_SQL).map_err(db)?;
             let now = patchbay_channel_core::now_ms();
             let mut out = Vec::with_capacity(items.len());
+            let mut logged = Vec::with_capacity(items.len());
             let mut claimed = Vec::new();
             for it in items {
                 let fresh = seen.execute(params![it.channel_id, it.event_id, dedupe_until, now]).map_err(db)? > 0;
                 if !fresh {
                     out.push(Accepted::Duplicate);
+                    logged.push(None);
                     continue;
                 }
                 out.push(Accepted::New);
+                logged.push(match &it.log {
+                    Some((conversation, body)) => Some(append_log(c, &it.channel_id, conversation, Some(&it.event_id), body, now)?),
+                    None => None,
+                });
                 match &claim {
                     Some(cl) if claimed.len() < cl.limit => {
                         if let Some(item) = insert_claimed(c, it, &cl.owner, cl.lease_until)? {
@@ -881,7 +953,7 @@ impl Store for SqliteStore {
                     }
                 }
             }
-            Ok((out, claimed))
+            Ok((out, claimed, logged))
         })
         .await
     }
@@ -914,11 +986,12 @@ impl Store for SqliteStore {
         id: i64,
         owner: &str,
         replies: Vec<NewOutbox>,
+        logs: Vec<NewLogEntry>,
         conversation_id: String,
         remember: Option<ConversationRecord>,
         next: Option<ChainClaim>,
         send: Option<(String, ChainClaim)>,
-    ) -> StoreResult<(Option<InboxItem>, Option<OutboxItem>)> {
+    ) -> StoreResult<Completed> {
         let owner = owner.to_owned();
         self.run(move |c| {
             let n = c
@@ -929,6 +1002,10 @@ impl Store for SqliteStore {
                 return Err(StoreError::LeaseLost);
             }
             insert_outbox(c, &replies)?;
+            let logged = logs
+                .iter()
+                .map(|l| append_log(c, &l.channel_id, &l.conversation, Some(&l.key), &l.body, l.at))
+                .collect::<StoreResult<Vec<i64>>>()?;
             if let Some(conversation) = &remember {
                 upsert_conversation(c, conversation)?;
             }
@@ -942,15 +1019,17 @@ impl Store for SqliteStore {
                     .map_err(db)?,
                 _ => None,
             };
-            let Some(next) = next else { return Ok((None, sending)) };
-            let next = c
-                .prepare_cached(CHAIN_INBOX)
-                .and_then(|mut s| {
-                    s.query_row(params![owner, next.lease_until, conversation_id, next.now], inbox_row)
-                        .optional()
-                })
-                .map_err(db)?;
-            Ok((next, sending))
+            let next = match next {
+                None => None,
+                Some(next) => c
+                    .prepare_cached(CHAIN_INBOX)
+                    .and_then(|mut s| {
+                        s.query_row(params![owner, next.lease_until, conversation_id, next.now], inbox_row)
+                            .optional()
+                    })
+                    .map_err(db)?,
+            };
+            Ok(Completed { next, sending, logged })
         })
         .await
     }
@@ -1110,52 +1189,7 @@ impl Store for SqliteStore {
 
     async fn log_append(&self, channel: &str, conversation: &str, key: Option<String>, body: String, at: i64) -> StoreResult<i64> {
         let (channel, conversation) = (channel.to_owned(), conversation.to_owned());
-        // Laid out so that an append dirties as few pages as it can (each dirty page is 4 KiB
-        // more in the WAL at the commit, and appends of a thousand conversations share a
-        // commit): the entry goes at the end of `log_entries`, beside the other entries of the
-        // same commit; the only page of its own is the conversation's leaf of the small
-        // (conversation, seq, key_hash) index. The key is looked for in that same leaf.
-        self.run(move |c| {
-            let head: Option<(i64, i64)> = c
-                .prepare_cached("SELECT id, last_seq FROM log_conversations WHERE channel_id = ?1 AND conversation = ?2")
-                .and_then(|mut s| s.query_row(params![channel, conversation], |r| Ok((r.get(0)?, r.get(1)?))).optional())
-                .map_err(db)?;
-            let hash = key.as_deref().map(key_hash);
-            let (conv, seq) = match head {
-                Some((conv, last)) => {
-                    if let (Some(k), Some(h)) = (&key, hash) {
-                        let existing: Option<i64> = c
-                            .prepare_cached(
-                                "SELECT seq FROM log_entries WHERE conversation = ?1 AND seq > ?2 AND key_hash = ?3 AND key = ?4
-                                 ORDER BY seq LIMIT 1",
-                            )
-                            .and_then(|mut s| s.query_row(params![conv, last - LOG_KEY_WINDOW, h, k], |r| r.get(0)).optional())
-                            .map_err(db)?;
-                        if let Some(seq) = existing {
-                            return Ok(seq);
-                        }
-                    }
-                    c.prepare_cached("UPDATE log_conversations SET last_seq = ?2 WHERE id = ?1")
-                        .and_then(|mut s| s.execute(params![conv, last + 1]))
-                        .map_err(db)?;
-                    (conv, last + 1)
-                }
-                None => {
-                    let conv: i64 = c
-                        .prepare_cached(
-                            "INSERT INTO log_conversations (channel_id, conversation, last_seq) VALUES (?1, ?2, 1) RETURNING id",
-                        )
-                        .and_then(|mut s| s.query_row(params![channel, conversation], |r| r.get(0)))
-                        .map_err(db)?;
-                    (conv, 1)
-                }
-            };
-            c.prepare_cached("INSERT INTO log_entries (conversation, seq, key_hash, key, body, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
-                .and_then(|mut s| s.execute(params![conv, seq, hash, key, body, at]))
-                .map_err(db)?;
-            Ok(seq)
-        })
-        .await
+        self.run(move |c| append_log(c, &channel, &conversation, key.as_deref(), &body, at)).await
     }
 
     async fn log_read(&self, channel: &str, conversation: &str, range: LogRange, limit: usize) -> StoreResult<Vec<LogEntry>> {
@@ -1450,6 +1484,7 @@ mod tests {
                             conversation_id: format!("conv{w}-{i}"),
                             payload: payload.clone(),
                             received_at: 0,
+                            log: None,
                         };
                         store.inbox_put(vec![item], i64::MAX, None).await.unwrap();
                     }
@@ -1468,6 +1503,54 @@ mod tests {
             wal / 1_000_000,
             restart_pages * 4096 / 1_000_000
         );
+        store.close().await;
+    }
+
+    /// While busy the WAL file keeps its largest size (cutting it under load stalled the
+    /// writer); once the store is idle, a large one is cut back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_wal_is_cut_back_once_the_store_is_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let wal_file = dir.path().join("t.db-wal");
+        let store = Arc::new(SqliteStore::open(&path, SqliteSynchronous::Normal).unwrap());
+        let payload = "x".repeat(8 * 1024);
+        let wal_len = || std::fs::metadata(&wal_file).map(|m| m.len()).unwrap_or(0);
+        // Writes that never pause, until the WAL is past the limit (bounded: 320 MB at most).
+        let mut rounds = 0;
+        while wal_len() <= WAL_SIZE_LIMIT && rounds < 40 {
+            let writers: Vec<_> = (0..4)
+                .map(|w| {
+                    let (store, payload) = (store.clone(), payload.clone());
+                    tokio::spawn(async move {
+                        for i in 0..250 {
+                            let item = NewInbox {
+                                channel_id: "c".into(),
+                                event_id: format!("e{rounds}-{w}-{i}"),
+                                conversation_id: format!("conv{w}-{i}"),
+                                payload: payload.clone(),
+                                received_at: 0,
+                                log: None,
+                            };
+                            store.inbox_put(vec![item], i64::MAX, None).await.unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for w in writers {
+                w.await.unwrap();
+            }
+            rounds += 1;
+        }
+        assert!(wal_len() > WAL_SIZE_LIMIT, "the WAL never grew past {} MB under load", WAL_SIZE_LIMIT / 1_000_000);
+        // Idle now: within a few checkpointer passes past WAL_IDLE_TICKS it is cut back.
+        let deadline = std::time::Instant::now() + CHECKPOINT_EVERY * WAL_IDLE_TICKS * 6;
+        while wal_len() > WAL_SIZE_LIMIT && std::time::Instant::now() < deadline {
+            tokio::time::sleep(CHECKPOINT_EVERY).await;
+        }
+        assert!(wal_len() <= WAL_SIZE_LIMIT, "the idle store kept a WAL of {} MB", wal_len() / 1_000_000);
+        // Nothing was lost in the cut.
+        assert_eq!(store.depths().await.unwrap().inbox, (rounds * 1000) as u64);
         store.close().await;
     }
 }

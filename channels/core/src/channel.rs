@@ -137,6 +137,20 @@ pub trait Channel: Send + Sync + 'static {
     /// Renders and delivers one reply.
     async fn send(&self, reply: &OutboundReply) -> Result<Delivered, SendError>;
 
+    /// For kinds whose delivery *is* an entry in the conversation log (web chat: a socket
+    /// that is down replays the log): the entry to append for this reply, in the log of
+    /// `reply.platform_conversation` under the key `reply.reply_id`. The pipeline then
+    /// appends it in the same commit that completes the message — one durable write instead
+    /// of an append from `send` and a completion after it — and tells [`Channel::logged`] its
+    /// number; `send` is not called for it. `None` (the default): replies go through `send`.
+    fn log_entry(&self, _reply: &OutboundReply) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// Told that the pipeline logged `entry` (from [`Channel::log_entry`]) as number `seq` of
+    /// its conversation, after the commit: the kind hands it to whoever is listening.
+    fn logged(&self, _reply: &OutboundReply, _entry: serde_json::Value, _seq: i64) {}
+
     /// Asks the platform whether the credentials work, without posting anything.
     async fn check(&self) -> CheckReport;
 

@@ -212,6 +212,33 @@ pub trait Inbox: Send + Sync {
         timeout: Duration,
     ) -> Result<WaitOutcome, InboxError>;
 
+    /// [`Inbox::accept`] for kinds that keep a conversation log (web chat): a new message's
+    /// `entry` is appended to the log of `inbound.platform_conversation`, under the key
+    /// `inbound.event_id`, in the same commit that stores the message, and its number
+    /// answered (`None` for a duplicate: nothing is appended). One durable write instead of
+    /// two, and the entry is in the log before any reply to it can be.
+    async fn accept_logged(
+        &self,
+        channel: &ChannelId,
+        inbound: Inbound,
+        entry: serde_json::Value,
+    ) -> Result<(Accepted, Option<i64>), InboxError> {
+        let _ = entry;
+        self.accept(channel, inbound).await.map(|a| (a, None))
+    }
+
+    /// [`Inbox::accept_and_wait`] with a log entry for the message, as [`Inbox::accept_logged`].
+    async fn accept_logged_and_wait(
+        &self,
+        channel: &ChannelId,
+        inbound: Inbound,
+        entry: serde_json::Value,
+        timeout: Duration,
+    ) -> Result<WaitOutcome, InboxError> {
+        let _ = entry;
+        self.accept_and_wait(channel, inbound, timeout).await
+    }
+
     /// Has the assistant answer within this request, for platforms that take a reply only in
     /// the response and offer the channel no way to deliver one later (Mattermost's inline
     /// mode without an incoming webhook). Nothing is queued — a reply that missed its request

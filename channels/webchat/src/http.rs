@@ -212,15 +212,16 @@ fn session(inner: &Inner, req: &HttpRequest, bytes: &[u8]) -> HttpResponse {
     }))
 }
 
-/// Turns a client's message into an inbound, logging it first (so the conversation log has
-/// the user's message before any reply to it).
+/// Turns a client's message into an inbound and the log entry to store with it (handed to
+/// `Inbox::accept_logged`, which appends it in the commit that stores the message, so the
+/// conversation log has the user's message before any reply to it).
 pub(crate) async fn take_message(
     inner: &Inner,
     claims: &Claims,
     frame: &ClientFrame,
     via: &str,
     name: Option<String>,
-) -> Result<(Inbound, i64), FrameError> {
+) -> Result<(Inbound, Value), FrameError> {
     if let Err(wait) = inner.limiter.take(&claims.user, std::time::Instant::now()) {
         let secs = wait.as_secs() + 1;
         let mut e = FrameError::new(
@@ -235,11 +236,7 @@ pub(crate) async fn take_message(
         None => format!("{}:{}", claims.user, patchbay_channel_core::ids::random_token(20)),
     };
     let text = frame.text().to_owned();
-    let seq = inner
-        .log
-        .append(&inner.channel_id, &claims.user, Some(&event_id), wire::received_entry(&text, &claims.user, &event_id))
-        .await
-        .map_err(|e| FrameError::new("unavailable", e.to_string()))?;
+    let entry = wire::received_entry(&text, &claims.user, &event_id);
     // The raw payload goes to the assistant: never the token, never a claimed `user`.
     let mut raw = frame.obj.clone();
     raw.remove("token");
@@ -259,7 +256,7 @@ pub(crate) async fn take_message(
         raw: Value::Object(raw).into(),
         received_at: patchbay_channel_core::now_ms(),
     };
-    Ok((inbound, seq))
+    Ok((inbound, entry))
 }
 
 fn frame_error_response(e: FrameError) -> HttpResponse {
@@ -317,14 +314,14 @@ async fn webhook(inner: &Inner, ctx: &HookCtx, req: &HttpRequest, bytes: &[u8], 
         }
         ClientKind::Message => {
             let Some(claims) = claims else { return token_required() };
-            let (inbound, _) = match take_message(inner, &claims, &frame, "webhook", None).await {
+            let (inbound, entry) = match take_message(inner, &claims, &frame, "webhook", None).await {
                 Ok(x) => x,
                 Err(e) => return frame_error_response(e),
             };
             ctx.status.event_seen();
             let event_id = inbound.event_id.clone();
             let timeout = Duration::from_millis(inner.settings.reply_timeout_ms);
-            match ctx.inbox.accept_and_wait(&ctx.channel_id, inbound, timeout).await {
+            match ctx.inbox.accept_logged_and_wait(&ctx.channel_id, inbound, entry, timeout).await {
                 Ok(WaitOutcome::Replies(replies)) => {
                     let mut frames = Vec::with_capacity(replies.len());
                     for (i, r) in replies.iter().enumerate() {

@@ -134,6 +134,14 @@ impl Channel for Webchat {
         })
     }
 
+    fn log_entry(&self, reply: &OutboundReply) -> Option<serde_json::Value> {
+        Some(wire::reply_frame(&reply.reply, &reply.platform_conversation, &reply.reply_id))
+    }
+
+    fn logged(&self, reply: &OutboundReply, entry: serde_json::Value, seq: i64) {
+        self.0.hub.push(&reply.platform_conversation, Push::Logged(seq, wire::with_seq(entry, seq)));
+    }
+
     async fn check(&self) -> CheckReport {
         let inner = &self.0;
         let mut report = CheckReport::default();

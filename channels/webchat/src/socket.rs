@@ -310,20 +310,24 @@ impl Socket {
                 }
                 let Some((claims, _)) = self.user.clone() else { return Flow::Continue };
                 let chat = self.chat.clone();
-                let (inbound, seq) = match take_message(&chat.0, &claims, &frame, "websocket", self.name.clone()).await {
+                let (inbound, entry) = match take_message(&chat.0, &claims, &frame, "websocket", self.name.clone()).await {
                     Ok(x) => x,
                     Err(e) => return self.error(e).await,
                 };
                 let id = inbound.event_id.clone();
                 self.ctx.status.event_seen();
-                match self.ctx.inbox.accept(&self.ctx.channel_id, inbound).await {
-                    Ok(_) => {
+                match self.ctx.inbox.accept_logged(&self.ctx.channel_id, inbound, entry).await {
+                    Ok((_, seq)) => {
+                        let client_id = frame.client_id().map(str::to_owned).unwrap_or(id);
+                        let Some(seq) = seq else {
+                            // Sent before (the same client id): stored once, answered once.
+                            return self.send(&json!({"type": "received", "id": client_id, "duplicate": true})).await;
+                        };
                         // The user's own entry: the client has it, it needs no replay.
                         if seq == self.last_sent + 1 {
                             self.last_sent = seq;
                         }
-                        let client_id = frame.client_id().map(str::to_owned);
-                        self.send(&json!({"type": "received", "id": client_id.unwrap_or(id), "seq": seq})).await
+                        self.send(&json!({"type": "received", "id": client_id, "seq": seq})).await
                     }
                     Err(e) => self.error(FrameError::new("unavailable", e.to_string())).await,
                 }
