@@ -15,6 +15,11 @@ mod server;
 mod store;
 mod supervisor;
 
+/// mimalloc for Rust's allocations; the crate's `override` feature also gives it the C
+/// `malloc` of SQLite and libc (docs/dependencies.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     cli::main()
 }
