@@ -283,7 +283,9 @@ pub trait Store: Send + Sync + 'static {
     /// the same commit claims up to `claim.limit` of the new ones whose conversation has
     /// nothing else in the inbox (the others are answered in their turn).
     /// A new message's `log` entry is appended in the same commit; the third list answers its
-    /// number, for each message in order (`None`: no entry, or a duplicate).
+    /// number, for each message in order (`None`: no entry, or a duplicate). A message with a
+    /// `log` entry is deduped by the log instead of the dedupe window: it is a repeat while an
+    /// entry with its event id is among its conversation's last 64.
     #[allow(clippy::type_complexity)]
     async fn inbox_put(&self, items: Vec<NewInbox>, dedupe_until: i64, claim: Option<PutClaim>) -> StoreResult<(Vec<Accepted>, Vec<InboxItem>, Vec<Option<i64>>)>;
     async fn inbox_claim(&self, claim: Claim) -> StoreResult<Vec<InboxItem>>;

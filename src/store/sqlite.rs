@@ -636,7 +636,10 @@ fn insert_dead_letter(
 /// entry goes at the end of `log_entries`, beside the other entries of the same commit; the
 /// only page of its own is the conversation's leaf of the small (conversation, seq, key_hash)
 /// index. The key is looked for in that same leaf.
-fn append_log(c: &Connection, channel: &str, conversation: &str, key: Option<&str>, body: &str, at: i64) -> StoreResult<i64> {
+/// Answers the entry's number and whether it is new: an entry whose key is among the
+/// conversation's last [`LOG_KEY_WINDOW`] entries is not appended again, and its first number
+/// is answered.
+fn append_log(c: &Connection, channel: &str, conversation: &str, key: Option<&str>, body: &str, at: i64) -> StoreResult<(i64, bool)> {
     let head: Option<(i64, i64)> = c
         .prepare_cached("SELECT id, last_seq FROM log_conversations WHERE channel_id = ?1 AND conversation = ?2")
         .and_then(|mut s| s.query_row(params![channel, conversation], |r| Ok((r.get(0)?, r.get(1)?))).optional())
@@ -653,7 +656,7 @@ fn append_log(c: &Connection, channel: &str, conversation: &str, key: Option<&st
                     .and_then(|mut s| s.query_row(params![conv, last - LOG_KEY_WINDOW, h, k], |r| r.get(0)).optional())
                     .map_err(db)?;
                 if let Some(seq) = existing {
-                    return Ok(seq);
+                    return Ok((seq, false));
                 }
             }
             c.prepare_cached("UPDATE log_conversations SET last_seq = ?2 WHERE id = ?1")
@@ -672,7 +675,7 @@ fn append_log(c: &Connection, channel: &str, conversation: &str, key: Option<&st
     c.prepare_cached("INSERT INTO log_entries (conversation, seq, key_hash, key, body, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
         .and_then(|mut s| s.execute(params![conv, seq, hash, key, body, at]))
         .map_err(db)?;
-    Ok(seq)
+    Ok((seq, true))
 }
 
 fn upsert_conversation(conn: &Connection, c: &ConversationRecord) -> StoreResult<()> {
@@ -929,17 +932,23 @@ impl Store for SqliteStore {
             let mut logged = Vec::with_capacity(items.len());
             let mut claimed = Vec::new();
             for it in items {
-                let fresh = seen.execute(params![it.channel_id, it.event_id, dedupe_until, now]).map_err(db)? > 0;
+                // A message with a log entry is deduped by its conversation's log, where the
+                // entry is keyed by the event id: a row in `dedupe` as well would dirty one
+                // more random page per message (docs/architecture.md, "Conversation logs").
+                let (fresh, seq) = match &it.log {
+                    Some((conversation, body)) => {
+                        let (seq, fresh) = append_log(c, &it.channel_id, conversation, Some(&it.event_id), body, now)?;
+                        (fresh, Some(seq))
+                    }
+                    None => (seen.execute(params![it.channel_id, it.event_id, dedupe_until, now]).map_err(db)? > 0, None),
+                };
                 if !fresh {
                     out.push(Accepted::Duplicate);
                     logged.push(None);
                     continue;
                 }
                 out.push(Accepted::New);
-                logged.push(match &it.log {
-                    Some((conversation, body)) => Some(append_log(c, &it.channel_id, conversation, Some(&it.event_id), body, now)?),
-                    None => None,
-                });
+                logged.push(seq);
                 match &claim {
                     Some(cl) if claimed.len() < cl.limit => {
                         if let Some(item) = insert_claimed(c, it, &cl.owner, cl.lease_until)? {
@@ -1004,7 +1013,7 @@ impl Store for SqliteStore {
             insert_outbox(c, &replies)?;
             let logged = logs
                 .iter()
-                .map(|l| append_log(c, &l.channel_id, &l.conversation, Some(&l.key), &l.body, l.at))
+                .map(|l| append_log(c, &l.channel_id, &l.conversation, Some(&l.key), &l.body, l.at).map(|(seq, _)| seq))
                 .collect::<StoreResult<Vec<i64>>>()?;
             if let Some(conversation) = &remember {
                 upsert_conversation(c, conversation)?;
@@ -1189,7 +1198,7 @@ impl Store for SqliteStore {
 
     async fn log_append(&self, channel: &str, conversation: &str, key: Option<String>, body: String, at: i64) -> StoreResult<i64> {
         let (channel, conversation) = (channel.to_owned(), conversation.to_owned());
-        self.run(move |c| append_log(c, &channel, &conversation, key.as_deref(), &body, at)).await
+        self.run(move |c| append_log(c, &channel, &conversation, key.as_deref(), &body, at).map(|(seq, _)| seq)).await
     }
 
     async fn log_read(&self, channel: &str, conversation: &str, range: LogRange, limit: usize) -> StoreResult<Vec<LogEntry>> {
@@ -1428,6 +1437,41 @@ mod tests {
         assert_eq!(store.log_prune("web", 6).await.unwrap(), (many + LOG_KEY_WINDOW as usize + 2) as u64);
         assert_eq!(store.log_read("other", "c1", LogRange::After(0), 10).await.unwrap().len(), 1, "another channel's entries stay");
         assert_eq!(store.log_append("web", "c3", None, "{}".into(), 7).await.unwrap(), (0..many).filter(|i| i % 7 == 3).count() as i64 + 1, "numbers go on");
+        store.close().await;
+    }
+
+    /// A message stored with its log entry (web chat) is deduped by the log, not the dedupe
+    /// table: a repeat within the conversation's window is a duplicate with no new entry and
+    /// no second inbox row, and the `dedupe` table is never written.
+    #[tokio::test]
+    async fn a_message_with_a_log_entry_is_deduped_by_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db"), SqliteSynchronous::Normal).unwrap();
+        let item = |event: &str, conversation: &str| NewInbox {
+            channel_id: "web".into(),
+            event_id: event.into(),
+            conversation_id: format!("web:{conversation}"),
+            payload: "{}".into(),
+            received_at: 0,
+            log: Some((conversation.into(), format!(r#"{{"id":"{event}"}}"#))),
+        };
+        let (accepted, _, logged) = store.inbox_put(vec![item("u1:m1", "u1"), item("u2:m1", "u2")], i64::MAX, None).await.unwrap();
+        assert_eq!(accepted, vec![Accepted::New, Accepted::New]);
+        assert_eq!(logged, vec![Some(1), Some(1)]);
+        // The same message again (a client retrying after a dropped socket), in a commit with
+        // a new one: only the new one is stored and logged.
+        let (accepted, _, logged) = store.inbox_put(vec![item("u1:m1", "u1"), item("u1:m2", "u1")], i64::MAX, None).await.unwrap();
+        assert_eq!(accepted, vec![Accepted::Duplicate, Accepted::New]);
+        assert_eq!(logged, vec![None, Some(2)]);
+        let entries = store.log_read("web", "u1", LogRange::After(0), 10).await.unwrap();
+        assert_eq!(entries.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2], "the repeat added no entry");
+        assert_eq!(store.depths().await.unwrap().inbox, 3, "three messages queued, the repeat not among them");
+        let dedupe_rows: i64 = store.run(|c| c.query_row("SELECT count(*) FROM dedupe", [], |r| r.get(0)).map_err(db)).await.unwrap();
+        assert_eq!(dedupe_rows, 0);
+        // A message without a log entry still goes through the dedupe table.
+        let plain = NewInbox { log: None, ..item("u3:m1", "u3") };
+        let (accepted, _, _) = store.inbox_put(vec![plain.clone(), plain], i64::MAX, None).await.unwrap();
+        assert_eq!(accepted, vec![Accepted::New, Accepted::Duplicate]);
         store.close().await;
     }
 
