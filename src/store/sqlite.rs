@@ -636,6 +636,7 @@ fn insert_dead_letter(
 /// entry goes at the end of `log_entries`, beside the other entries of the same commit; the
 /// only page of its own is the conversation's leaf of the small (conversation, seq, key_hash)
 /// index. The key is looked for in that same leaf.
+///
 /// Answers the entry's number and whether it is new: an entry whose key is among the
 /// conversation's last [`LOG_KEY_WINDOW`] entries is not appended again, and its first number
 /// is answered.
