@@ -7,7 +7,7 @@ use super::{claim_loop, conversation_id, message_id, reply_id, Pipeline};
 use crate::assistants::{AssistantError, AssistantEvent, AssistantRequest, ChannelRef, ConversationRef};
 use crate::store::{ConversationRecord, InboxItem, NewLogEntry, NewOutbox, StoreError};
 use futures_util::StreamExt;
-use patchbay_channel_core::{ChannelId, Inbound, OutboundReply, Reply};
+use patchbay_channel_core::{ChannelId, Inbound, OutboundReply, Reply, WaitOutcome};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -463,9 +463,15 @@ async fn complete(
     let n = rows.len();
     let done = p.store.inbox_complete(item.id, owner, rows, logs, item.conversation_id.clone(), remember, next, send).await?;
     let (next, sending) = (done.next, done.sending);
+    // A waiting request answers with the logged entries and their numbers, so it has
+    // nothing more to write.
+    let mut for_waiter = Vec::new();
     if let Some(instance) = instance.filter(|_| !logged.is_empty()) {
         let m = p.metrics.channel(&item.channel_id);
         for ((out, entry), seq) in logged.into_iter().zip(done.logged) {
+            if waiter.is_some() {
+                for_waiter.push((entry.clone(), seq));
+            }
             instance.logged(&out, entry, seq);
             m.delivered.fetch_add(1, Ordering::Relaxed);
             m.end_to_end_latency
@@ -483,7 +489,8 @@ async fn complete(
         _ => any_queued,
     };
     if let (Some(tx), Some((holder, _))) = (waiter, hold) {
-        let handed = tx.send(replies).is_ok();
+        let answer = if for_waiter.is_empty() { WaitOutcome::Replies(replies) } else { WaitOutcome::Logged(for_waiter) };
+        let handed = tx.send(answer).is_ok();
         // (Logged replies were counted above.)
         if handed && n > 0 {
             let m = p.metrics.channel(&item.channel_id);

@@ -19,7 +19,7 @@ use crate::registry::Registry;
 use crate::store::{ChainClaim, Claim, InboxItem, NewInbox, PutClaim, Store};
 use async_trait::async_trait;
 use patchbay_channel_core::{
-    backoff::Backoff, Accepted, ChannelId, ConversationId, Inbound, Inbox, InboxError, Reply, WaitOutcome,
+    backoff::Backoff, Accepted, ChannelId, ConversationId, Inbound, Inbox, InboxError, WaitOutcome,
 };
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -70,7 +70,7 @@ pub struct Pipeline {
     claims: AtomicU64,
     pub(crate) inbox_wake: Notify,
     pub(crate) outbox_wake: Notify,
-    waiters: Mutex<HashMap<WaiterKey, oneshot::Sender<Vec<Reply>>>>,
+    waiters: Mutex<HashMap<WaiterKey, oneshot::Sender<WaitOutcome>>>,
     pub(crate) stop: CancellationToken,
     pub(crate) dispatch_slots: Arc<Semaphore>,
     pub(crate) send_slots: Arc<Semaphore>,
@@ -193,7 +193,7 @@ impl Pipeline {
         })
     }
 
-    pub(crate) fn take_waiter(&self, channel: &str, event_id: &str) -> Option<oneshot::Sender<Vec<Reply>>> {
+    pub(crate) fn take_waiter(&self, channel: &str, event_id: &str) -> Option<oneshot::Sender<WaitOutcome>> {
         let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
         w.remove(&(channel.to_owned(), event_id.to_owned())).filter(|tx| !tx.is_closed())
     }
@@ -471,15 +471,12 @@ impl Pipeline {
         }
         let mut rx = rx;
         match tokio::time::timeout(timeout, &mut rx).await {
-            Ok(Ok(replies)) => Ok(WaitOutcome::Replies(replies)),
+            Ok(Ok(answer)) => Ok(answer),
             Ok(Err(_)) => Ok(WaitOutcome::Pending),
             Err(_) if self.forget_waiter(&key) => Ok(WaitOutcome::Pending),
             // The answer took the waiter just now: its replies are being committed for this
             // response and are not queued, so wait for them (a store error drops the sender).
-            Err(_) => match rx.await {
-                Ok(replies) => Ok(WaitOutcome::Replies(replies)),
-                Err(_) => Ok(WaitOutcome::Pending),
-            },
+            Err(_) => Ok(rx.await.unwrap_or(WaitOutcome::Pending)),
         }
     }
 }

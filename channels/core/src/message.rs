@@ -172,6 +172,10 @@ pub enum Accepted {
 pub enum WaitOutcome {
     /// The assistant answered in time: answer the platform's request with these.
     Replies(Vec<Reply>),
+    /// The assistant answered in time and the pipeline appended the replies to the
+    /// conversation log in the commit that completed the message (kinds with
+    /// [`crate::Channel::log_entry`]): each entry as logged, with its number in the log.
+    Logged(Vec<(serde_json::Value, i64)>),
     /// Seen before; the first delivery answered it.
     Duplicate,
     /// Stored, but the assistant did not answer in time (or deferred its answer): the replies

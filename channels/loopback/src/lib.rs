@@ -175,7 +175,8 @@ impl Loopback {
                 Ok(WaitOutcome::Replies(replies)) => HttpResponse::Ok()
                     .json(serde_json::json!({"accepted": true, "duplicate": false, "replies": replies})),
                 Ok(WaitOutcome::Duplicate) => HttpResponse::Ok().json(serde_json::json!({"accepted": true, "duplicate": true})),
-                Ok(WaitOutcome::Pending) => HttpResponse::Ok()
+                // (A loopback channel keeps no log, so nothing is answered as `Logged`.)
+                Ok(WaitOutcome::Pending | WaitOutcome::Logged(_)) => HttpResponse::Ok()
                     .json(serde_json::json!({"accepted": true, "duplicate": false, "pending": true})),
                 Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, "inbox_unavailable", &e.to_string(), None),
             };

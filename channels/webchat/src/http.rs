@@ -322,6 +322,11 @@ async fn webhook(inner: &Inner, ctx: &HookCtx, req: &HttpRequest, bytes: &[u8], 
             let event_id = inbound.event_id.clone();
             let timeout = Duration::from_millis(inner.settings.reply_timeout_ms);
             match ctx.inbox.accept_logged_and_wait(&ctx.channel_id, inbound, entry, timeout).await {
+                // Logged by the pipeline in the commit that completed the message.
+                Ok(WaitOutcome::Logged(entries)) => {
+                    answer(entries.into_iter().map(|(entry, seq)| wire::with_seq(entry, seq)).collect())
+                }
+                // Handed over unlogged (the conversation had replies still queued).
                 Ok(WaitOutcome::Replies(replies)) => {
                     let mut frames = Vec::with_capacity(replies.len());
                     for (i, r) in replies.iter().enumerate() {
