@@ -1,8 +1,9 @@
 //! The embedded SQLite store: WAL, versioned migrations, and group commits.
 //!
 //! One writer thread owns the connection. Every operation is a job sent to it; the thread
-//! takes all the jobs waiting, runs each inside its own SAVEPOINT (so one failing job rolls
-//! back alone), commits them with one COMMIT, and only then answers each caller. Many HTTP
+//! takes all the jobs waiting, runs each (most inside a SAVEPOINT of their own, so that one
+//! failing job rolls back alone; see `SqliteStore::run_unguarded` for those that are not),
+//! commits them with one COMMIT, and only then answers each caller. Many HTTP
 //! requests acknowledged in the same millisecond thus share one write to the WAL, and no
 //! caller hears "stored" before its row is committed.
 
@@ -18,8 +19,12 @@ use tokio::sync::oneshot;
 use crate::config::SqliteSynchronous;
 
 type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
+/// A job's answer to the writer: what to do once the commit is decided, and whether the job
+/// failed after it had changed rows that no savepoint of its own can take back (then the
+/// whole group commit is rolled back; see `SqliteStore::run_unguarded`).
+type Ran = (Done, bool);
 enum Job {
-    Run(Box<dyn FnOnce(&Connection) -> Done + Send>),
+    Run(Box<dyn FnOnce(&Connection) -> Ran + Send>),
     Close(oneshot::Sender<()>),
 }
 
@@ -261,31 +266,85 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel::<StoreResult<T>>();
-        let job = Job::Run(Box::new(move |conn: &Connection| -> Done {
+        let job = Job::Run(Box::new(move |conn: &Connection| -> Ran {
+            if conn.is_autocommit() {
+                return (answer_failed(tx, transaction_ended()), true);
+            }
             if let Err(e) = exec_cached(conn, "SAVEPOINT job") {
                 let msg = e.to_string();
-                return Box::new(move |_| {
-                    let _ = tx.send(Err(StoreError::Db(msg)));
-                });
+                return (
+                    Box::new(move |_| {
+                        let _ = tx.send(Err(StoreError::Db(msg)));
+                    }),
+                    false,
+                );
             }
             match f(conn) {
                 Ok(v) => {
                     let _ = exec_cached(conn, "RELEASE job");
-                    Box::new(move |committed: Result<(), String>| {
-                        let _ = tx.send(committed.map(|_| v).map_err(StoreError::Db));
-                    })
+                    (answer_committed(tx, v), false)
                 }
                 Err(e) => {
                     let _ = exec_cached(conn, "ROLLBACK TO job").and_then(|_| exec_cached(conn, "RELEASE job"));
-                    Box::new(move |_| {
-                        let _ = tx.send(Err(e));
-                    })
+                    (answer_failed(tx, e), false)
                 }
             }
         }));
         self.tx.lock().map_err(|_| StoreError::Closed)?.send(job).map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
+
+    /// [`SqliteStore::run`] without the job's own savepoint, for the jobs every message makes
+    /// (storing, completing, delivering). A savepoint copies each page the job first changes
+    /// into the statement journal: about 9% of the writer's time under load (perf, web chat
+    /// echo, 2026-12-07). Such a job must answer its expected refusals (a lost lease, a
+    /// duplicate) before it changes anything; should it fail after changing rows (a full disk,
+    /// a broken constraint), nothing can take back its part alone, so the whole group commit
+    /// is rolled back and every job in it hears the error — as when the COMMIT itself fails.
+    async fn run_unguarded<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<StoreResult<T>>();
+        let job = Job::Run(Box::new(move |conn: &Connection| -> Ran {
+            if conn.is_autocommit() {
+                return (answer_failed(tx, transaction_ended()), true);
+            }
+            let before = conn.total_changes();
+            match f(conn) {
+                Ok(v) => (answer_committed(tx, v), false),
+                Err(e) => {
+                    let spoiled = conn.total_changes() != before;
+                    if spoiled {
+                        tracing::error!(error = %e, "a store job failed after changing rows; its group commit is rolled back");
+                    }
+                    (answer_failed(tx, e), spoiled)
+                }
+            }
+        }));
+        self.tx.lock().map_err(|_| StoreError::Closed)?.send(job).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// SQLite ends the whole transaction by itself on some errors (an I/O error; a full disk or
+/// no memory where the statement has no journal of its own): the jobs after it in the same
+/// group commit are refused rather than run outside any transaction.
+fn transaction_ended() -> StoreError {
+    StoreError::Db("the store's transaction ended early (an earlier job of the same group commit failed); nothing of it was written".into())
+}
+
+fn answer_committed<T: Send + 'static>(tx: oneshot::Sender<StoreResult<T>>, v: T) -> Done {
+    Box::new(move |committed: Result<(), String>| {
+        let _ = tx.send(committed.map(|_| v).map_err(StoreError::Db));
+    })
+}
+
+fn answer_failed<T: Send + 'static>(tx: oneshot::Sender<StoreResult<T>>, e: StoreError) -> Done {
+    Box::new(move |_| {
+        let _ = tx.send(Err(e));
+    })
 }
 
 /// Runs a statement without arguments, prepared once: the transaction statements every job
@@ -337,7 +396,7 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
 /// commits, as soon as the checkpointer is between passes, and its next commit starts the
 /// WAL over.
 fn writer(conn: Connection, rx: mpsc::Receiver<Job>, wal: Arc<AtomicI64>, restart_pages: i64) {
-    let mut batch: Vec<Box<dyn FnOnce(&Connection) -> Done + Send>> = Vec::with_capacity(MAX_GROUP);
+    let mut batch: Vec<Box<dyn FnOnce(&Connection) -> Ran + Send>> = Vec::with_capacity(MAX_GROUP);
     let mut closing: Option<oneshot::Sender<()>> = None;
     while closing.is_none() {
         match rx.recv() {
@@ -358,11 +417,28 @@ fn writer(conn: Connection, rx: mpsc::Receiver<Job>, wal: Arc<AtomicI64>, restar
         let dones: Vec<Done>;
         let outcome = match exec_cached(&conn, "BEGIN IMMEDIATE") {
             Ok(()) => {
-                dones = batch.drain(..).map(|f| f(&conn)).collect();
-                exec_cached(&conn, "COMMIT").map_err(|e| {
-                    let _ = conn.execute_batch("ROLLBACK");
-                    e.to_string()
-                })
+                let mut spoiled = false;
+                dones = batch
+                    .drain(..)
+                    .map(|f| {
+                        let (done, spoils) = f(&conn);
+                        // A job that failed part-way without a savepoint, or an error after
+                        // which SQLite rolled the transaction back itself.
+                        spoiled |= spoils || conn.is_autocommit();
+                        done
+                    })
+                    .collect();
+                if spoiled {
+                    if !conn.is_autocommit() {
+                        let _ = conn.execute_batch("ROLLBACK");
+                    }
+                    Err("a job of the same group commit failed part-way, so none of it was written".to_owned())
+                } else {
+                    exec_cached(&conn, "COMMIT").map_err(|e| {
+                        let _ = conn.execute_batch("ROLLBACK");
+                        e.to_string()
+                    })
+                }
             }
             Err(e) => {
                 // Cannot start a transaction (the disk is gone, the file is locked by
@@ -926,7 +1002,7 @@ impl Store for SqliteStore {
     }
 
     async fn inbox_put(&self, items: Vec<NewInbox>, dedupe_until: i64, claim: Option<PutClaim>) -> StoreResult<(Vec<Accepted>, Vec<InboxItem>, Vec<Option<i64>>)> {
-        self.run(move |c| {
+        self.run_unguarded(move |c| {
             let mut seen = c.prepare_cached(DEDUPE_SQL).map_err(db)?;
             let now = patchbay_channel_core::now_ms();
             let mut out = Vec::with_capacity(items.len());
@@ -976,7 +1052,7 @@ impl Store for SqliteStore {
     }
 
     async fn inbox_claim(&self, claim: Claim) -> StoreResult<Vec<InboxItem>> {
-        self.run(move |c| {
+        self.run_unguarded(move |c| {
             let mut stmt = c.prepare_cached(CLAIM_INBOX).map_err(db)?;
             let rows = stmt
                 .query_map(
@@ -1003,7 +1079,7 @@ impl Store for SqliteStore {
         send: Option<(String, ChainClaim)>,
     ) -> StoreResult<Completed> {
         let owner = owner.to_owned();
-        self.run(move |c| {
+        self.run_unguarded(move |c| {
             let n = c
                 .prepare_cached("DELETE FROM inbox WHERE id = ?1 AND lease_owner = ?2")
                 .and_then(|mut s| s.execute(params![id, owner]))
@@ -1059,7 +1135,7 @@ impl Store for SqliteStore {
     }
 
     async fn outbox_claim(&self, claim: Claim) -> StoreResult<Vec<OutboxItem>> {
-        self.run(move |c| {
+        self.run_unguarded(move |c| {
             let mut stmt = c.prepare_cached(CLAIM_OUTBOX).map_err(db)?;
             let rows = stmt
                 .query_map(
@@ -1076,7 +1152,7 @@ impl Store for SqliteStore {
 
     async fn outbox_done(&self, id: i64, owner: &str, next: Option<ChainClaim>) -> StoreResult<Option<OutboxItem>> {
         let owner = owner.to_owned();
-        self.run(move |c| {
+        self.run_unguarded(move |c| {
             let conversation: Option<String> = c
                 .prepare_cached("DELETE FROM outbox WHERE id = ?1 AND lease_owner = ?2 RETURNING conversation_id")
                 .and_then(|mut s| s.query_row(params![id, owner], |r| r.get(0)).optional())
@@ -1096,7 +1172,7 @@ impl Store for SqliteStore {
     }
 
     async fn outbox_unhold(&self, owner: String, deliver: bool) -> StoreResult<()> {
-        self.run(move |c| {
+        self.run_unguarded(move |c| {
             let sql = if deliver {
                 "UPDATE outbox SET lease_owner = NULL, lease_until = 0 WHERE lease_owner = ?1"
             } else {
@@ -1199,7 +1275,7 @@ impl Store for SqliteStore {
 
     async fn log_append(&self, channel: &str, conversation: &str, key: Option<String>, body: String, at: i64) -> StoreResult<i64> {
         let (channel, conversation) = (channel.to_owned(), conversation.to_owned());
-        self.run(move |c| append_log(c, &channel, &conversation, key.as_deref(), &body, at).map(|(seq, _)| seq)).await
+        self.run_unguarded(move |c| append_log(c, &channel, &conversation, key.as_deref(), &body, at).map(|(seq, _)| seq)).await
     }
 
     async fn log_read(&self, channel: &str, conversation: &str, range: LogRange, limit: usize) -> StoreResult<Vec<LogEntry>> {
@@ -1358,6 +1434,103 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store whose writer starts only when told, so that the jobs queued before form one
+    /// group commit.
+    fn store_with_held_writer(path: &Path) -> (SqliteStore, impl FnOnce()) {
+        let mut conn = Connection::open(path).unwrap();
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 5000;").unwrap();
+        migrate(&mut conn).unwrap();
+        let (tx, rx) = mpsc::channel::<Job>();
+        let start = move || {
+            std::thread::spawn(move || writer(conn, rx, Arc::new(AtomicI64::new(0)), WAL_RESTART_PAGES));
+        };
+        (SqliteStore { tx: Mutex::new(tx) }, start)
+    }
+
+    /// Polls a store call once, which queues its job.
+    fn queue<F: std::future::Future + Unpin>(f: &mut F) {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(std::pin::Pin::new(f).poll(&mut cx).is_pending(), "the writer has not started");
+    }
+
+    fn put_kv(key: &'static str) -> impl FnOnce(&Connection) -> StoreResult<()> + Send + 'static {
+        move |c: &Connection| {
+            c.execute("INSERT INTO channel_kv (channel_id, key, value) VALUES ('t', ?1, x'00')", [key]).map(|_| ()).map_err(db)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_job_without_savepoint_that_fails_part_way_takes_its_whole_group_commit_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+
+        // One group: a job refusing before it changed anything does not disturb the others.
+        let (store, start) = store_with_held_writer(&path);
+        let mut a = Box::pin(store.run_unguarded(put_kv("a")));
+        let mut refused = Box::pin(store.run_unguarded(|_| Err::<(), _>(StoreError::LeaseLost)));
+        let mut b = Box::pin(store.run_unguarded(put_kv("b")));
+        queue(&mut a);
+        queue(&mut refused);
+        queue(&mut b);
+        start();
+        a.await.unwrap();
+        assert!(matches!(refused.await, Err(StoreError::LeaseLost)));
+        b.await.unwrap();
+
+        // Another group: one job fails after it inserted a row. Nothing of the group is
+        // written, and every job in it is told, guarded or not.
+        let (store, start) = store_with_held_writer(&path);
+        let mut c = Box::pin(store.run_unguarded(put_kv("c")));
+        let mut spoiler = Box::pin(store.run_unguarded(|conn: &Connection| {
+            put_kv("d")(conn)?;
+            Err::<(), _>(StoreError::Db("the disk is full".into()))
+        }));
+        let mut e = Box::pin(store.run(put_kv("e")));
+        queue(&mut c);
+        queue(&mut spoiler);
+        queue(&mut e);
+        start();
+        let told = |r: StoreResult<()>| match r {
+            Err(StoreError::Db(m)) => m,
+            other => panic!("expected a store error, got {other:?}"),
+        };
+        assert!(told(c.await).contains("failed part-way"));
+        assert_eq!(told(spoiler.await), "the disk is full", "the failing job hears its own error");
+        assert!(told(e.await).contains("failed part-way"));
+
+        let store = SqliteStore::open(&path, SqliteSynchronous::Normal).unwrap();
+        assert_eq!(store.kv_keys("t", "", 0).await.unwrap(), vec!["a", "b"]);
+
+        // The store's own jobs refuse before they change anything: a completion whose lease
+        // was lost and a delivery of a reply that is gone share a group commit with a new
+        // message, which is stored all the same.
+        let message = |event: &str| NewInbox {
+            channel_id: "c".into(),
+            event_id: event.into(),
+            conversation_id: format!("c:{event}"),
+            payload: "{}".into(),
+            received_at: 0,
+            log: None,
+        };
+        let claim = PutClaim { owner: "me".into(), lease_until: i64::MAX, limit: 1 };
+        let (_, claimed, _) = store.inbox_put(vec![message("m1")], i64::MAX, Some(claim)).await.unwrap();
+        let m1 = claimed[0].id;
+        let (held, start) = store_with_held_writer(&path);
+        let mut complete = Box::pin(held.inbox_complete(m1, "someone else", Vec::new(), Vec::new(), "c:m1".into(), None, None, None));
+        let mut done = Box::pin(held.outbox_done(4242, "me", None));
+        let mut put = Box::pin(held.inbox_put(vec![message("m2")], i64::MAX, None));
+        queue(&mut complete);
+        queue(&mut done);
+        queue(&mut put);
+        start();
+        assert!(matches!(complete.await, Err(StoreError::LeaseLost)));
+        assert!(matches!(done.await, Err(StoreError::LeaseLost)));
+        assert_eq!(put.await.unwrap().0, vec![Accepted::New]);
+        let (again, _, _) = store.inbox_put(vec![message("m1"), message("m2")], i64::MAX, None).await.unwrap();
+        assert_eq!(again, vec![Accepted::Duplicate, Accepted::Duplicate], "both stored");
+        store.inbox_complete(m1, "me", Vec::new(), Vec::new(), "c:m1".into(), None, None, None).await.unwrap();
+    }
 
     #[tokio::test]
     async fn channel_kv_expires_takes_once_lists_by_prefix_and_goes_with_the_channel() {
