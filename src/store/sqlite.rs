@@ -259,49 +259,33 @@ impl SqliteStore {
         Ok(SqliteStore { tx: Mutex::new(tx) })
     }
 
-    /// Runs `f` on the writer thread inside the next group commit; answers after COMMIT.
+    /// Runs `f` on the writer thread inside the next group commit, in a savepoint of its own
+    /// (a failing job rolls back alone); answers after COMMIT.
     async fn run<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     {
-        let (tx, rx) = oneshot::channel::<StoreResult<T>>();
-        let job = Job::Run(Box::new(move |conn: &Connection| -> Ran {
-            if conn.is_autocommit() {
-                return (answer_failed(tx, transaction_ended()), true);
-            }
-            if let Err(e) = exec_cached(conn, "SAVEPOINT job") {
-                let msg = e.to_string();
-                return (
-                    Box::new(move |_| {
-                        let _ = tx.send(Err(StoreError::Db(msg)));
-                    }),
-                    false,
-                );
-            }
-            match f(conn) {
-                Ok(v) => {
-                    let _ = exec_cached(conn, "RELEASE job");
-                    (answer_committed(tx, v), false)
-                }
-                Err(e) => {
-                    let _ = exec_cached(conn, "ROLLBACK TO job").and_then(|_| exec_cached(conn, "RELEASE job"));
-                    (answer_failed(tx, e), false)
-                }
-            }
-        }));
-        self.tx.lock().map_err(|_| StoreError::Closed)?.send(job).map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.job(true, f).await
     }
 
     /// [`SqliteStore::run`] without the job's own savepoint, for the jobs every message makes
-    /// (storing, completing, delivering). A savepoint copies each page the job first changes
-    /// into the statement journal: about 9% of the writer's time under load (perf, web chat
-    /// echo, 2026-12-07). Such a job must answer its expected refusals (a lost lease, a
-    /// duplicate) before it changes anything; should it fail after changing rows (a full disk,
-    /// a broken constraint), nothing can take back its part alone, so the whole group commit
-    /// is rolled back and every job in it hears the error — as when the COMMIT itself fails.
+    /// (storing, claiming, completing, logging, delivering). A savepoint copies each page the
+    /// job first changes into the statement journal: about 9% of the writer's time under load
+    /// (perf, web chat echo, 2026-12-07). Such a job must answer its expected refusals (a lost
+    /// lease, a duplicate) before it changes anything. Should it fail after changing rows (a
+    /// broken constraint, a row that does not decode), nothing can take back its part alone:
+    /// the whole group commit is rolled back, the job hears its own error and the others that
+    /// nothing of the commit was written, as when the COMMIT itself fails.
     async fn run_unguarded<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        self.job(false, f).await
+    }
+
+    async fn job<T, F>(&self, savepoint: bool, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
@@ -311,9 +295,23 @@ impl SqliteStore {
             if conn.is_autocommit() {
                 return (answer_failed(tx, transaction_ended()), true);
             }
+            if savepoint {
+                if let Err(e) = exec_cached(conn, "SAVEPOINT job") {
+                    return (answer_failed(tx, StoreError::Db(e.to_string())), false);
+                }
+            }
             let before = conn.total_changes();
             match f(conn) {
-                Ok(v) => (answer_committed(tx, v), false),
+                Ok(v) => {
+                    if savepoint {
+                        let _ = exec_cached(conn, "RELEASE job");
+                    }
+                    (answer_committed(tx, v), false)
+                }
+                Err(e) if savepoint => {
+                    let _ = exec_cached(conn, "ROLLBACK TO job").and_then(|_| exec_cached(conn, "RELEASE job"));
+                    (answer_failed(tx, e), false)
+                }
                 Err(e) => {
                     let spoiled = conn.total_changes() != before;
                     if spoiled {
