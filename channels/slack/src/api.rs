@@ -200,7 +200,11 @@ impl Api {
         // The wait for a turn counts against the call's timeout, so a slow Slack cannot make
         // a reply wait longer than `send_timeout` in all.
         let deadline = Instant::now() + self.timeout;
-        let Ok(Ok(_turn)) = tokio::time::timeout_at(deadline, self.in_flight.acquire()).await else {
+        let turn = tokio::time::timeout_at(deadline, self.in_flight.acquire()).await;
+        let left = deadline.saturating_duration_since(Instant::now());
+        // A turn that came only as the time ran out (the call before it gave up at the same
+        // instant) is no turn: a request with no time left could only fail as a timeout.
+        let (Ok(Ok(_turn)), false) = (turn, left.is_zero()) else {
             return Err(ApiError::Retryable {
                 code: "busy".into(),
                 message: format!(
@@ -209,7 +213,6 @@ impl Api {
                 retry_after: None,
             });
         };
-        let left = deadline.saturating_duration_since(Instant::now());
         let resp = request().timeout(left).send().await.map_err(|e| ApiError::Retryable {
             code: "network".into(),
             message: describe(method, &e),
@@ -334,10 +337,24 @@ mod tests {
         let api = Api::new(&format!("http://{addr}/api"), reqwest::Client::new(), Duration::from_millis(300), 1);
         let token = Secret::new("xoxb-1");
         let body = serde_json::json!({});
-        let (a, b) = tokio::join!(api.call("T1", "chat.postMessage", &token, &body), api.call("T1", "chat.postMessage", &token, &body));
-        let codes = [a.unwrap_err().code().to_owned(), b.unwrap_err().code().to_owned()];
-        assert!(codes.contains(&"network".to_owned()) && codes.contains(&"busy".to_owned()), "{codes:?}");
-        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1, "one connection: the second call never started");
+
+        // The one turn is taken (as by a call in flight) for longer than the timeout: the
+        // call waits, gives up as busy, and never reaches Slack.
+        let held = api.in_flight.acquire().await.unwrap();
+        let e = api.call("T1", "chat.postMessage", &token, &body).await.unwrap_err();
+        assert_eq!(e.code(), "busy", "{e:?}");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0, "the call never started");
+
+        // Given back well within the timeout, the turn goes to the waiting call, which then
+        // reaches Slack and times out there.
+        let waiting = api.call("T1", "chat.postMessage", &token, &body);
+        let give_back = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(held);
+        };
+        let (e, ()) = tokio::join!(waiting, give_back);
+        assert_eq!(e.unwrap_err().code(), "network");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1, "one connection, from the call that got its turn");
     }
 
     #[test]
